@@ -1,0 +1,361 @@
+"""Typed run configuration: dataclasses, YAML loading and dotted `key=value` overrides.
+
+Every knob lives here with a one-line comment. Unknown keys and wrongly typed values are
+`UserError`s naming the key (and the closest valid one), so the CLI exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from fitdist.errors import UserError, did_you_mean
+
+Weight = Union[float, list[float]]  # a constant, or [start, end] annealed linearly over the stage
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fitdist:fitnet"  # torchvision:<name> | fitdist:<zoo name> | pkg.module:factory
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory arguments
+    weights: str | None = None  # local state_dict file to load (e.g. a trained teacher's student.pt)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the teacher's own forward precision
+    channels_last: bool = False  # run the teacher in channels_last memory format
+
+
+@dataclass
+class HintConfig:
+    student: str = ""  # module path of the guided layer in the student
+    teacher: str = ""  # module path of the hint layer in the teacher
+    regressor: Literal["auto", "conv", "adaptive", "linear"] = "auto"  # see fitdist/regressors.py
+    bn: bool = False  # BatchNorm after the regressor
+    relu: bool = False  # ReLU after the regressor (match the teacher hint's non-linearity)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 3.0  # KD temperature τ (FitNets default 3)
+    hint_reduction: Literal["mean", "paper"] = "mean"  # mean: MSE; paper: ½·Σ(diff²)/batch
+    impl: Literal["auto", "fused", "reference"] = "auto"  # fused kernels where they apply
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "rmsprop"] = "sgd"
+    lr: float = 0.05  # base learning rate (before optional world-size scaling)
+    momentum: float = 0.9  # sgd / rmsprop momentum
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    alpha: float = 0.99  # rmsprop smoothing
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "multistep"] = "cosine"  # per stage, step-based
+    warmup_steps: int = 0  # linear warm-up at the start of each stage
+    milestones: list[float] = field(default_factory=list)  # multistep: fractions of the stage (0.5) or steps
+    gamma: float = 0.1  # multistep decay factor
+    min_lr: float = 0.0  # cosine floor
+    scale_lr: Literal["none", "linear"] = "none"  # linear: lr × world size
+    max_grad_norm: float = 0.0  # clip the gradient norm (0 = off)
+
+
+@dataclass
+class StageConfig:
+    name: str = "train"
+    steps: int = 1000  # optimizer steps in this stage
+    ce: Weight = 1.0  # weight of cross-entropy with the labels
+    kd: Weight = 0.0  # λ: weight of the KD term; [4, 1] anneals linearly (FitNets stage 2)
+    hint: Weight = 0.0  # weight of the hint loss(es)
+    trainable: Literal["auto", "all"] = "auto"  # auto: freeze what the stage's losses do not reach
+    optim: OptimConfig | None = None  # replaces the top-level optim for this stage
+
+
+@dataclass
+class DataConfig:
+    source: Literal["fashion-mnist", "webdataset"] = "fashion-mnist"
+    root: str | None = None  # directory of the source files (None: the standard places)
+    download: bool = True  # fall back to torchvision's downloader when no local copy is found
+    train: str | None = None  # webdataset: training shards (brace pattern, pipe:cmd, http(s) URL)
+    val: str | None = None  # webdataset: validation shards
+    num_classes: int | None = None  # None: from the source or the shards' manifest
+    image_size: int | None = None  # train crop / eval resize side (None: native size)
+    augment: Literal["auto", "none", "light", "cifar", "imagenet"] = "auto"
+    mean: list[float] | None = None  # per-channel normalisation (None: the dataset's own)
+    std: list[float] | None = None
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 2000  # webdataset sample shuffle buffer
+    train_subset: int = 0  # use only the first N training samples (0 = all)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # global batch per optimizer step (all ranks, all micro-steps)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    eval_batch_size: int = 512  # per rank
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the student
+    log_every: int = 50  # steps between metrics.jsonl rows
+    eval_every: int = 0  # steps between evaluations (0: end of each stage only)
+    checkpoint_every: int = 500  # steps between checkpoints (0: end of each stage only)
+    compile: bool = False  # torch.compile the student and the teacher
+    channels_last: bool = False  # student in channels_last memory format
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # run directory (None: runs/<name>)
+    resume: Literal["none", "auto"] = "none"  # auto: continue from the latest checkpoint
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without an API key
+    project: str = "fitdist"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StrategyConfig:
+    kind: Literal["single", "ddp"] = "single"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sync_bn: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run name (run directory and W&B run name)
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms and data order
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig | None = None  # None: train on labels alone
+    hints: list[HintConfig] = field(default_factory=list)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp`; dataclasses are built recursively."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except UserError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(a) for a in args)
+        raise UserError(f"{key}: expected {names}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise UserError(f"unknown config key {key!r}{did_you_mean(key, valid)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _default_for(tp: Any) -> Any:
+    """A default value to create when an override reaches into an unset optional section."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return {}
+    return None
+
+
+def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
+    """Sets `a.b.0.c = value` inside plain `data`, checking each key against the dataclasses."""
+    parts = dotted.split(".")
+    node, tp = data, cls
+    for i, part in enumerate(parts):
+        key = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override {dotted!r}: {key} is out of range (list has {len(node)} items)")
+            idx = int(part)
+            if last:
+                node[idx] = value
+                return
+            node, tp = node[idx], typing.get_args(tp)[0]
+            continue
+        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else None
+        if fields is None:  # free-form dict such as model kwargs
+            if last:
+                node[part] = value
+                return
+            node = node.setdefault(part, {})
+            continue
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            valid = [f"{prefix}.{n}" if prefix else n for n in fields]
+            raise UserError(f"unknown config key {key!r}{did_you_mean(key, valid)}")
+        ftype = typing.get_type_hints(tp)[part]
+        if last:
+            node[part] = value
+            return
+        if node.get(part) is None:
+            node[part] = _plain_default(fields[part]) or _default_for(ftype) or {}
+        node = node[part]
+        tp = _unwrap_optional(ftype)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _plain_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return None if f.default is dataclasses.MISSING else to_dict(f.default)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able data from a config (dataclasses become dicts)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` with the value parsed as YAML (`0.1` → float, `[4, 1]` → list, `null`)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (or the defaults) plus dotted overrides, fully validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}:{where} is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the top level must be a mapping")
+        data.setdefault("name", path.stem)
+    for text in overrides:
+        key, value = parse_override(text)
+        merged = to_dict(_build(Config, data))  # defaults filled in so every key can be reached
+        _set_dotted(merged, Config, key, value)
+        data = merged
+    return validate(_build(Config, data))
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    if not cfg.stages:
+        raise UserError("stages: the stage list is empty")
+    for i, st in enumerate(cfg.stages):
+        if st.steps <= 0:
+            raise UserError(f"stages.{i}.steps: must be > 0, got {st.steps}")
+        for term in ("ce", "kd", "hint"):
+            w = getattr(st, term)
+            if isinstance(w, list) and len(w) != 2:
+                raise UserError(f"stages.{i}.{term}: a schedule is [start, end], got {w}")
+        uses_teacher = any(_nonzero(getattr(st, t)) for t in ("kd", "hint"))
+        if uses_teacher and cfg.teacher is None:
+            raise UserError(f"stages.{i} ({st.name}): kd/hint weights need a teacher, but teacher is null")
+        if _nonzero(st.hint) and not cfg.hints:
+            raise UserError(f"stages.{i} ({st.name}): hint weight set, but the hints list is empty")
+        if not any(_nonzero(getattr(st, t)) for t in ("ce", "kd", "hint")):
+            raise UserError(f"stages.{i} ({st.name}): all loss weights (ce, kd, hint) are zero")
+    for i, h in enumerate(cfg.hints):
+        if not h.student or not h.teacher:
+            raise UserError(f"hints.{i}: both 'student' and 'teacher' module paths are required")
+    if cfg.train.batch_size <= 0 or cfg.train.grad_accum <= 0:
+        raise UserError("train.batch_size and train.grad_accum must be > 0")
+    if cfg.loss.temperature <= 0:
+        raise UserError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    return cfg
+
+
+def _nonzero(w: Weight) -> bool:
+    return any(v != 0 for v in w) if isinstance(w, list) else w != 0
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
