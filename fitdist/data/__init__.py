@@ -26,6 +26,7 @@ class DataBundle:
     image_size: tuple[int, int]
     num_val: int  # validation samples across all ranks
     class_names: list[str]
+    metrics: Callable[[], dict[str, float]] = dict  # loader counters to log, e.g. {"data/skipped": 3}
 
 
 def build_data(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
