@@ -1,0 +1,169 @@
+"""Fused distillation losses: the same values and gradients as `fitdist.losses`, in less memory.
+
+- `fused_hint_loss`: FitNets hint loss (Romero et al. 2014) with its regressor applied inside the
+  loss, chunk by chunk, so the projected map and the difference are never materialised.
+- `fused_kd_ce_loss` / `fused_kd_loss`: cross-entropy and Hinton et al. (2015) KD from one pass
+  over the logits.
+
+Implementations, chosen by `impl`:
+- `"auto"`: Triton kernels for CUDA tensors when `triton` imports, chunked PyTorch elsewhere;
+- `"fused"`: chunked PyTorch (`kernels/hint.py`, `kernels/kd.py`), any device;
+- `"triton"`: Triton kernels (`kernels/triton_*.py`): CUDA, or CPU tensors under
+  `TRITON_INTERPRET=1` (how the tests run them);
+- `"reference"`: `fitdist.losses` on the regressor's output, as the definition of correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fitdist.kernels.hint import (
+    as_maps,
+    check_hint_shapes,
+    chunked_hint_loss,
+    compute_dtype,
+    hint_scale,
+    hint_spec,
+)
+from fitdist.kernels.kd import check_kd_inputs, chunked_kd_ce
+from fitdist.losses import hint_loss, kd_loss
+
+IMPLS = ("auto", "fused", "triton", "reference")
+
+__all__ = [
+    "IMPLS",
+    "KDTerms",
+    "fused_hint_loss",
+    "fused_kd_ce_loss",
+    "fused_kd_loss",
+    "select_impl",
+    "supports_fused_hint",
+    "triton_available",
+]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `import triton` works (it needs no GPU to import)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing at import time
+        return False
+    return True
+
+
+def select_impl(impl: str, device: torch.device | str) -> str:
+    """The implementation `impl` resolves to on `device`: "triton", "fused" or "reference"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    dev = torch.device(device)
+    if impl == "auto":
+        return "triton" if dev.type == "cuda" and triton_available() else "fused"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' needs the triton package, which does not import here")
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"impl='triton' runs on CUDA tensors, or on {dev.type} tensors only under "
+                "TRITON_INTERPRET=1 (set before triton is imported)"
+            )
+    return impl
+
+
+def supports_fused_hint(regressor: nn.Module) -> bool:
+    """Whether `fused_hint_loss` fuses this regressor (else it falls back to the reference).
+
+    Fused: a 1×1 or k×k valid Conv2d (stride 1, no padding, dilation 1, groups 1) or a Linear
+    projection, with or without ReLU, without BatchNorm and without resize. Triton covers the
+    1×1/linear case; a k×k conv uses the chunked-PyTorch path on every device.
+    """
+    return hint_spec(regressor) is not None
+
+
+def fused_hint_loss(
+    student_feat: torch.Tensor,
+    regressor: nn.Module,
+    teacher_hint: torch.Tensor,
+    reduction: str = "mean",
+    *,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """`hint_loss(regressor(student_feat), teacher_hint, reduction)` as an fp32 scalar.
+
+    Gradients reach `student_feat` and the regressor's weight and bias, never the teacher hint.
+    `chunk_rows` (positions, i.e. b·h·w rows, per chunk) is for tests and tuning.
+    """
+    spec = hint_spec(regressor)
+    which = select_impl(impl, student_feat.device)
+    if spec is None or which == "reference":
+        return hint_loss(regressor(student_feat), teacher_hint, reduction)
+    check_hint_shapes(student_feat, spec, teacher_hint)
+    if which == "triton" and spec.kind == "pointwise":
+        from fitdist.kernels.triton_hint import triton_pointwise_hint
+
+        scale = hint_scale(reduction, teacher_hint)
+        dtype = compute_dtype(student_feat, spec.weight)
+        x3, h3 = as_maps(student_feat, teacher_hint.detach())
+        with torch.autocast(student_feat.device.type, enabled=False):
+            return triton_pointwise_hint(x3, spec, h3, scale, dtype)
+    return chunked_hint_loss(student_feat, spec, teacher_hint, reduction, chunk_rows)
+
+
+class KDTerms(NamedTuple):
+    """The two terms of the KD objective, fp32 scalars; weight them with `weighted`."""
+
+    ce: torch.Tensor | None  # cross-entropy with the labels, None without labels
+    kd: torch.Tensor  # T² · KL(p_t^T ‖ p_s^T), batchmean
+
+    def weighted(self, ce_weight: float, kd_weight: float) -> torch.Tensor:
+        """`ce_weight · ce + kd_weight · kd` (the ce term is skipped when absent or weighted 0)."""
+        loss = self.kd * kd_weight
+        if self.ce is not None and ce_weight != 0:
+            loss = loss + self.ce * ce_weight
+        return loss
+
+
+def fused_kd_ce_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    *,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> KDTerms:
+    """`KDTerms(F.cross_entropy(s.float(), labels), kd_loss(s, t, temperature))`, one pass.
+
+    Both terms stay differentiable separately (log them apart, weight them freely); their backward
+    is one fused pass as well. The teacher logits get no gradient.
+    """
+    check_kd_inputs(student_logits, teacher_logits, labels, temperature)
+    which = select_impl(impl, student_logits.device)
+    if which == "reference":
+        ce = F.cross_entropy(student_logits.float(), labels) if labels is not None else None
+        return KDTerms(ce, kd_loss(student_logits, teacher_logits, temperature))
+    if which == "triton":
+        from fitdist.kernels.triton_kd import triton_kd_ce
+
+        ce, kd = triton_kd_ce(student_logits, teacher_logits, labels, temperature)
+    else:
+        ce, kd = chunked_kd_ce(student_logits, teacher_logits, labels, temperature, chunk_rows)
+    return KDTerms(ce if labels is not None else None, kd)
+
+
+def fused_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """`kd_loss(student_logits, teacher_logits, temperature)`, fused."""
+    return fused_kd_ce_loss(student_logits, teacher_logits, None, temperature, impl=impl).kd
