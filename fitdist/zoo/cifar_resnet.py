@@ -21,6 +21,8 @@ Module paths for hints, with output shapes for a 3×32×32 input (`w` = [16, 16,
     avgpool            w3 ×  1 ×  1
     fc                 num_classes
     layerK.i           block i of stage K (its `bn2` is the pre-residual, pre-ReLU map)
+
+Every module runs at most once per forward pass, so a forward hook on any path fires once.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = conv3x3(cin, cout, stride)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
+        self.relu1 = nn.ReLU()
         self.conv2 = conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
+        # Separate ReLU modules: a module called twice per forward would fire its hooks twice.
+        self.relu2 = nn.ReLU()
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
@@ -59,10 +63,10 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)  # not `out += ...`: bn2's hooked output must stay intact
+        return self.relu2(out + identity)  # not `out += ...`: bn2's hooked output must stay intact
 
 
 class CifarResNet(nn.Module):

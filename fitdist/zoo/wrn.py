@@ -19,6 +19,8 @@ Module paths for hints, with output shapes for a 3×32×32 input:
     bn, relu   64k ×  8 ×  8   (`relu` = the post-activation features fed to pooling)
     avgpool    64k ×  1 ×  1
     fc         num_classes
+
+Every module runs at most once per forward pass, so a forward hook on any path fires once.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class WideBasic(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU()
+        self.relu1 = nn.ReLU()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()  # not shared with relu1: a module run twice fires its hooks twice
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Module | None = None
@@ -54,8 +57,8 @@ class WideBasic(nn.Module):
             self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.relu(self.bn1(x))
-        out = self.conv2(self.dropout(self.relu(self.bn2(self.conv1(act)))))
+        act = self.relu1(self.bn1(x))
+        out = self.conv2(self.dropout(self.relu2(self.bn2(self.conv1(act)))))
         return out + (x if self.shortcut is None else self.shortcut(act))
 
 
