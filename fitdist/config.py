@@ -336,12 +336,12 @@ def validate(cfg: Config) -> Config:
             w = getattr(st, term)
             if isinstance(w, list) and len(w) != 2:
                 raise UserError(f"stages.{i}.{term}: a schedule is [start, end], got {w}")
-        uses_teacher = any(_nonzero(getattr(st, t)) for t in ("kd", "hint"))
+        uses_teacher = any(nonzero_weight(getattr(st, t)) for t in ("kd", "hint"))
         if uses_teacher and cfg.teacher is None:
             raise UserError(f"stages.{i} ({st.name}): kd/hint weights need a teacher, but teacher is null")
-        if _nonzero(st.hint) and not cfg.hints:
+        if nonzero_weight(st.hint) and not cfg.hints:
             raise UserError(f"stages.{i} ({st.name}): hint weight set, but the hints list is empty")
-        if not any(_nonzero(getattr(st, t)) for t in ("ce", "kd", "hint")):
+        if not any(nonzero_weight(getattr(st, t)) for t in ("ce", "kd", "hint")):
             raise UserError(f"stages.{i} ({st.name}): all loss weights (ce, kd, hint) are zero")
     for i, h in enumerate(cfg.hints):
         if not h.student or not h.teacher:
@@ -353,7 +353,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _nonzero(w: Weight) -> bool:
+def nonzero_weight(w: Weight) -> bool:
     return any(v != 0 for v in w) if isinstance(w, list) else w != 0
 
 

@@ -1,0 +1,49 @@
+"""Builds the parts of a run from its config: data, student with regressors, frozen teacher."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitdist.config import Config
+from fitdist.data import DataBundle
+from fitdist.distiller import FrozenTeacher, Student
+from fitdist.errors import UserError
+from fitdist.models import build_model
+from fitdist.regressors import build_regressor
+
+
+def probe_input(data: DataBundle, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, data.in_channels, *data.image_size)
+
+
+def build_teacher(cfg: Config, data: DataBundle) -> FrozenTeacher | None:
+    if cfg.teacher is None:
+        return None
+    if not cfg.teacher.weights:
+        raise UserError("teacher.weights: a teacher needs a trained weights file (a run's student.pt)")
+    model = build_model(cfg.teacher, data.num_classes, data.in_channels, where="teacher")
+    return FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision, cfg.teacher.channels_last)
+
+
+def build_student(cfg: Config, data: DataBundle, teacher: FrozenTeacher | None) -> Student:
+    """The student backbone and one regressor per hint pair, sized by a probe forward."""
+    backbone = build_model(cfg.student, data.num_classes, data.in_channels, where="student")
+    student = Student(backbone, [h.student for h in cfg.hints], [], cfg.loss.hint_reduction, cfg.loss.impl)
+    if teacher is None:
+        return student
+    x = probe_input(data)
+    backbone.eval()
+    with torch.no_grad():
+        t_logits, t_feats = teacher.tap.probe(x)
+        _, s_feats = student.tap.probe(x)
+    backbone.train()
+    if t_logits.shape[-1] != data.num_classes:
+        raise UserError(
+            f"teacher.name: the teacher predicts {t_logits.shape[-1]} classes but the data has {data.num_classes}"
+        )
+    student.regressors = nn.ModuleList(
+        build_regressor(sf.shape[1:], tf.shape[1:], h.regressor, h.bn, h.relu, where=f"hints.{i}")
+        for i, (h, sf, tf) in enumerate(zip(cfg.hints, s_feats, t_feats))
+    )
+    return student

@@ -1,0 +1,112 @@
+"""Metrics to `metrics.jsonl`, W&B and the console on rank 0; a do-nothing logger elsewhere.
+
+W&B runs are real `wandb` runs. `wandb.mode: auto` is online only when an API key is configured
+(`WANDB_API_KEY`, or `WANDB_MODE` set by the user), offline otherwise, so nothing needs a network.
+A resumed run passes its stored run id, so W&B continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from fitdist.config import WandbConfig
+
+
+class NullLogger:
+    """What ranks other than 0 get: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def progress(self, stage: str, step: int, total: int, metrics: dict) -> None: ...
+
+    def print(self, text: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Logger(NullLogger):
+    def __init__(self, run_dir: Path, name: str, config: dict, wandb_cfg: WandbConfig, run_id: str | None):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a kill loses no row
+        self.tty = sys.stderr.isatty()
+        self._bar = None
+        self._wandb = _start_wandb(run_dir, name, config, wandb_cfg, run_id)
+        self.run_id = self._wandb.id if self._wandb else run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        if self._wandb:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        if not self.tty:
+            self.print(_summary(row))
+
+    def progress(self, stage: str, step: int, total: int, metrics: dict) -> None:
+        """A live bar on a terminal (rows are printed instead when output is not a terminal)."""
+        if not self.tty:
+            return
+        from tqdm import tqdm
+
+        if self._bar is None or self._bar.desc != stage:
+            self._close_bar()
+            self._bar = tqdm(total=total, desc=stage, initial=step, dynamic_ncols=True, leave=True)
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+    def print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def finish(self) -> None:
+        self._close_bar()
+        self.jsonl.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _summary(row: dict) -> str:
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
+    return time.strftime("%H:%M:%S ") + " ".join(parts)
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _start_wandb(run_dir: Path, name: str, config: dict, cfg: WandbConfig, run_id: str | None):
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags or None, name=name,
+        config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def build_logger(is_main: bool, run_dir: Path, name: str, config: dict, wandb_cfg: WandbConfig, run_id: str | None):
+    return Logger(run_dir, name, config, wandb_cfg, run_id) if is_main else NullLogger()

@@ -1,0 +1,106 @@
+"""Model construction from a name: `torchvision:<name>`, `fitdist:<zoo name>` or `pkg.module:factory`.
+
+Every model is built with the data's number of classes and input channels; torchvision models
+get their stem convolution rebuilt for a different channel count (e.g. 1-channel Fashion-MNIST).
+Weights come only from local files, loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fitdist.config import ModelConfig
+from fitdist.errors import UserError, did_you_mean
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str = "student") -> nn.Module:
+    """The model named by `cfg`, with its weights file loaded if one is given."""
+    kind, sep, name = cfg.name.partition(":")
+    if not sep or not name:
+        raise UserError(f"{where}.name: {cfg.name!r} is not of the form torchvision:NAME, fitdist:NAME or pkg.module:factory")
+    if kind == "torchvision":
+        model = _torchvision(name, num_classes, in_channels, cfg.kwargs, where)
+    elif kind == "fitdist":
+        from fitdist.zoo import ZOO
+
+        if name not in ZOO:
+            raise UserError(f"{where}.name: no fitdist model {name!r}{did_you_mean(name, ZOO)}")
+        model = _call(ZOO[name], num_classes, in_channels, cfg.kwargs, where)
+    else:
+        model = _call(_import(kind, name, where), num_classes, in_channels, cfg.kwargs, where)
+    if cfg.weights:
+        load_weights(model, cfg.weights, where)
+    return model
+
+
+def _call(factory, num_classes: int, in_channels: int, kwargs: dict, where: str) -> nn.Module:
+    params = inspect.signature(factory).parameters
+    extra = {"num_classes": num_classes}
+    if "in_channels" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        extra["in_channels"] = in_channels
+    try:
+        return factory(**extra, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}.kwargs: cannot build {getattr(factory, '__name__', factory)}: {e}") from None
+
+
+def _import(module: str, attr: str, where: str):
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{where}.name: cannot import {module}:{attr} ({e})") from None
+
+
+def _torchvision(name: str, num_classes: int, in_channels: int, kwargs: dict, where: str) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        raise UserError(f"{where}.name: no torchvision model {name!r}{did_you_mean(name, available)}")
+    if "weights" in kwargs:
+        raise UserError(f"{where}.kwargs.weights: hub weights are not downloaded; give a local file in {where}.weights")
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}.kwargs: cannot build torchvision {name}: {e}") from None
+    if in_channels != 3:
+        _adapt_stem(model, in_channels)
+    return model
+
+
+def _adapt_stem(model: nn.Module, in_channels: int) -> None:
+    """Rebuilds the first convolution for `in_channels` inputs, keeping its other settings."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            new = nn.Conv2d(
+                in_channels, module.out_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.groups, module.bias is not None,
+            )
+            model.set_submodule(path, new)
+            return
+
+
+def load_weights(model: nn.Module, path: str, where: str) -> None:
+    """Loads a plain state_dict file; a missing file or a misfit is a `UserError` naming it."""
+    if not Path(path).is_file():
+        raise UserError(f"{where}.weights: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind mean "not loadable"
+        raise UserError(f"{where}.weights: {path} is not a loadable state_dict ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{where}.weights: {path} does not hold a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise UserError(f"{where}.weights: {path} does not fit the model: {first[0].strip()}") from None
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

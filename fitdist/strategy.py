@@ -1,0 +1,85 @@
+"""How the trainable module is run: one device or DDP, behind one small interface.
+
+The training loop calls `prepare` once per stage, then for every micro-step `microstep(...)`
+(autocast, and DDP's `no_sync` between gradient-accumulation boundaries), `backward`, and for
+every optimizer step `step`. It never knows which strategy runs. This is the only module that
+imports DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fitdist.config import OptimConfig, StrategyConfig
+from fitdist.dist import DistEnv
+from fitdist.schedule import build_optimizer, build_scheduler
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Strategy:
+    """Single device; `DDPStrategy` overrides what differs."""
+
+    def __init__(self, cfg: StrategyConfig, env: DistEnv, precision: str):
+        self.cfg, self.env = cfg, env
+        self.dtype = DTYPES[precision]
+        # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def prepare(self, module: nn.Module, optim: OptimConfig, lr: float, total_steps: int):
+        """`(model to call, optimizer, scheduler)` for one stage over the trainable parameters."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, optim, lr)
+        return self.wrap(module), optimizer, build_scheduler(optimizer, total_steps, optim)
+
+    def microstep(self, model: nn.Module, sync: bool):
+        """Context around one micro-batch's forward and backward; `sync` on the last of a step."""
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        """Context around the student's forward (not its backward)."""
+        return torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, bool]:
+        """Clips, steps unless a gradient is non-finite, and zeroes; returns `(grad norm, stepped)`."""
+        self.scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():  # the scaler skips non-finite steps itself
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm), finite
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel over the student + regressors; the teacher stays outside."""
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.cfg.sync_bn:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        # Stages freeze what their losses do not reach, so no unused parameters remain.
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
+
+    def microstep(self, model: nn.Module, sync: bool):
+        # Gradients are all-reduced only on the last micro-batch of an optimizer step.
+        return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str) -> Strategy:
+    if cfg.kind == "ddp":
+        return DDPStrategy(cfg, env, precision)
+    return Strategy(cfg, env, precision)

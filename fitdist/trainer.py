@@ -1,0 +1,296 @@
+"""The training loop: stages → optimizer steps → micro-steps, with log / eval / checkpoint calls.
+
+One loop serves every method: a stage is data (its loss weights, with schedules such as FitNets'
+λ 4→1, and which parameters train), so scratch, KD, FitNets two-stage and single-stage FitNets
+are configs of the same code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fitdist import dist
+from fitdist.build import build_student, build_teacher, probe_input
+from fitdist.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_file, set_rng_state
+from fitdist.config import Config, StageConfig, dump_config, nonzero_weight, to_dict
+from fitdist.data import build_data
+from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
+from fitdist.errors import UserError
+from fitdist.evaluate import evaluate
+from fitdist.logger import build_logger
+from fitdist.models import count_params
+from fitdist.schedule import weight_at
+from fitdist.strategy import build_strategy
+
+# Keys that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = ("run.", "wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.threads", "train.device", "data.num_workers", "data.root", "data.download")
+
+
+@dataclass
+class Position:
+    stage: int = 0  # index of the current stage
+    step: int = 0  # optimizer steps done in the current stage
+    global_step: int = 0  # optimizer steps done in the whole run
+    microbatch: int = 0  # global micro-batches consumed: the data position
+    wall_time: float = 0.0  # seconds spent training before this process started
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Runs every stage of `cfg`; returns the final evaluation (also in `<run dir>/summary.json`)."""
+    env = dist.setup(cfg.train.device, cfg.strategy.backend)
+    try:
+        return _Run(cfg, env, resume).run()
+    finally:
+        dist.teardown()
+
+
+class _Run:
+    def __init__(self, cfg: Config, env: dist.DistEnv, resume: bool):
+        self.cfg, self.env, self.run_dir = cfg, env, cfg.run_dir
+        _check_world(cfg, env)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
+        _prepare_run_dir(self.run_dir, env.is_main)
+
+        per_step = cfg.train.batch_size // cfg.train.grad_accum
+        if per_step * cfg.train.grad_accum != cfg.train.batch_size or per_step % env.world:
+            raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by grad_accum × world size "
+                            f"({cfg.train.grad_accum} × {env.world})")
+        self.micro_batch = per_step // env.world
+        self.data = build_data(cfg.data, self.micro_batch, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
+        self.teacher = build_teacher(cfg, self.data)
+        self.student = build_student(cfg, self.data, self.teacher)
+        self.student.to(env.device)
+        if cfg.train.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+        if self.teacher is not None:
+            self.teacher.to(env.device)
+        self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
+
+        self.pos, self.saved = Position(), None
+        self.resumed_state = self._resume_state(resume or cfg.run.resume == "auto", strict=resume)
+        if env.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.logger = build_logger(env.is_main, self.run_dir, cfg.name, to_dict(cfg), cfg.wandb,
+                                   self.resumed_state.get("wandb_id") if self.resumed_state else None)
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ resume
+    def _resume_state(self, wanted: bool, strict: bool) -> dict | None:
+        if not wanted:
+            return None
+        from fitdist.checkpoint import list_checkpoints
+
+        if not strict and not list_checkpoints(self.run_dir):
+            return None
+        path, state = load_checkpoint(self.run_dir)
+        _check_same_config(state["config"], to_dict(self.cfg), path)
+        self.pos = Position(**state["position"])
+        self.student.load_state_dict(state["student"])
+        self.saved = self.pos.global_step
+        return state
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict:
+        cfg, log = self.cfg, self.logger
+        log.print(f"student {cfg.student.name}: {count_params(self.student.backbone):,} params"
+                  + (f"; teacher {cfg.teacher.name}: {count_params(self.teacher.model):,} params" if self.teacher else "")
+                  + f"; world size {self.env.world}; device {self.env.device}")
+        for index in range(self.pos.stage, len(cfg.stages)):
+            if index > self.pos.stage:
+                self.pos.stage, self.pos.step = index, 0
+            self._run_stage(cfg.stages[index])
+        result = self._finish()
+        log.finish()
+        return result
+
+    def _run_stage(self, stage: StageConfig) -> None:
+        cfg, env, pos = self.cfg, self.env, self.pos
+        set_trainable(self.student, self.teacher, stage, probe_input(self.data).to(env.device), cfg)
+        optim = stage.optim or cfg.optim
+        lr = optim.lr * (env.world if optim.scale_lr == "linear" else 1)
+        model, optimizer, scheduler = self.strategy.prepare(self.student, optim, lr, stage.steps)
+        if self.resumed_state is not None:  # continue the stage the checkpoint was taken in
+            st, self.resumed_state = self.resumed_state, None
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            self.strategy.scaler.load_state_dict(st["scaler"])
+            set_rng_state(st["rng"])
+        distiller = Distiller(model, self.teacher, cfg.loss.temperature, cfg.loss.impl)
+        batches = self.data.train_batches(pos.microbatch)
+        accum, window = cfg.train.grad_accum, _Window()
+        self.student.train()
+        while pos.step < stage.steps:
+            weights = {t: weight_at(getattr(stage, t), pos.step, stage.steps) for t in TERMS}
+            for micro in range(accum):
+                images, labels = next(batches)
+                images = images.to(env.device, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with self.strategy.microstep(model, sync=micro == accum - 1):
+                    with self.strategy.autocast():
+                        terms = distiller(images, labels, weights)
+                    self.strategy.backward(terms["loss"] / accum)
+                window.add(terms, len(labels) * env.world)
+            grad_norm, stepped = self.strategy.step(optimizer, optim.max_grad_norm)
+            window.step(grad_norm, stepped)
+            scheduler.step()
+            pos.step, pos.global_step, pos.microbatch = pos.step + 1, pos.global_step + 1, pos.microbatch + accum
+            self._every_step(stage, window, weights, scheduler.get_last_lr()[0], optimizer, scheduler)
+        if self.saved != pos.global_step:  # end of stage: evaluate and checkpoint once
+            self._log_row(stage, window, weights, scheduler.get_last_lr()[0], evaluate_now=True)
+            self._checkpoint(optimizer, scheduler)
+
+    def _every_step(self, stage, window, weights, lr, optimizer, scheduler) -> None:
+        cfg, pos = self.cfg.train, self.pos
+        last = pos.step == stage.steps
+        self.logger.progress(stage.name, pos.step, stage.steps, window.running())
+        due_eval = cfg.eval_every and pos.global_step % cfg.eval_every == 0 and not last
+        if (pos.global_step % cfg.log_every == 0 or due_eval) and not last:
+            self._log_row(stage, window, weights, lr, evaluate_now=bool(due_eval))
+        if cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0 and not last:
+            self._checkpoint(optimizer, scheduler)
+
+    def _log_row(self, stage, window, weights, lr, evaluate_now: bool) -> None:
+        row = {"stage": stage.name, **window.flush(self.env.device), "lambda": weights["kd"], "lr": lr}
+        if evaluate_now:
+            row.update(self._evaluate())
+        row.update(self.data.metrics())
+        self.logger.log(row, self.pos.global_step)
+
+    def _evaluate(self) -> dict:
+        return evaluate(self.student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
+
+    def _checkpoint(self, optimizer, scheduler) -> None:
+        pos = self.pos
+        if self.env.is_main:
+            state = {
+                "position": {**asdict(pos), "wall_time": pos.wall_time + time.perf_counter() - self.started},
+                "student": self.student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": self.strategy.scaler.state_dict(),
+                "rng": rng_state(),
+                "wandb_id": self.logger.run_id,
+                "config": to_dict(self.cfg),
+            }
+            save_checkpoint(self.run_dir, pos.global_step, self.student.backbone.state_dict(), state,
+                            self.cfg.run.keep_checkpoints)
+        dist.barrier()
+        self.saved = pos.global_step
+
+    def _finish(self) -> dict:
+        metrics = self._evaluate()
+        wall = self.pos.wall_time + time.perf_counter() - self.started
+        summary = {**metrics, "params": count_params(self.student.backbone), "steps": self.pos.global_step,
+                   "wall_time_s": wall, "student": self.cfg.student.name}
+        if self.env.is_main:
+            save_file(self.student.backbone.state_dict(), self.run_dir / "student.pt")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            self.logger.print(f"final: top1 {metrics['val/top1']:.2f}%  top5 {metrics['val/top5']:.2f}%  "
+                              f"({wall:.0f} s) -> {self.run_dir / 'student.pt'}")
+        return summary
+
+
+class _Window:
+    """Loss terms and throughput averaged over the steps since the last log row."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.micro, self.images, self.skipped, self.norm, self.started = 0, 0, 0, 0.0, time.perf_counter()
+        self.steps = 0
+
+    def add(self, terms: dict, images: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.micro, self.images = self.micro + 1, self.images + images
+
+    def step(self, grad_norm: float, stepped: bool) -> None:
+        self.norm, self.steps = grad_norm, self.steps + 1
+        self.skipped += not stepped
+
+    def running(self) -> dict:
+        return {f"train/{k}": v / max(self.micro, 1) for k, v in self.sums.items()}
+
+    def flush(self, device: torch.device) -> dict:
+        keys = sorted(self.sums)
+        # Every rank saw different samples: average the terms over ranks too.
+        totals = dist.all_reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.micro], dtype=torch.float64, device=device))
+        elapsed = time.perf_counter() - self.started
+        row = {f"train/{k}": totals[i].item() / max(totals[-1].item(), 1) for i, k in enumerate(keys)}
+        row.update({"grad_norm": self.norm, "perf/img_per_s": self.images / max(elapsed, 1e-9),
+                    "train/skipped_steps": self.skipped})
+        self.__init__()
+        return row
+
+
+def set_trainable(student: Student, teacher: FrozenTeacher | None, stage: StageConfig, x: torch.Tensor, cfg: Config) -> None:
+    """`trainable: auto` freezes every parameter the stage's losses do not reach (FitNets stage 1:
+    only the student up to its guided layer and the regressors train), found by one probe
+    backward that leaves weights, buffers and RNG untouched."""
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if stage.trainable == "all":
+        return
+    buffers = {k: v.clone() for k, v in student.state_dict(keep_vars=False).items()}
+    weights = {t: float(nonzero_weight(getattr(stage, t))) for t in TERMS}
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        student.train()
+        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        terms = Distiller(student, teacher, cfg.loss.temperature, "reference")(x, labels, weights)
+        terms["loss"].backward()
+    for p in student.parameters():
+        p.requires_grad_(p.grad is not None)
+        p.grad = None
+    student.load_state_dict(buffers)
+
+
+def _check_world(cfg: Config, env: dist.DistEnv) -> None:
+    if env.world > 1 and cfg.strategy.kind == "single":
+        raise UserError(f"strategy.kind: 'single' cannot run with {env.world} processes; use strategy.kind=ddp")
+
+
+def _prepare_run_dir(run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.dir: cannot write to {run_dir} ({e.strerror or e})") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(i, dict) for i in v):
+            for i, item in enumerate(v):
+                out.update(_flatten(item, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_same_config(saved: dict, current: dict, path: Path) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if differ:
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ[:4])
+        raise UserError(f"--resume: checkpoint {path} was made with a different config: {shown}")
