@@ -46,7 +46,7 @@ class HintConfig:
 class LossConfig:
     temperature: float = 3.0  # KD temperature τ (FitNets default 3)
     hint_reduction: Literal["mean", "paper"] = "mean"  # mean: MSE; paper: ½·Σ(diff²)/batch
-    impl: Literal["auto", "fused", "reference"] = "auto"  # fused kernels where they apply
+    impl: Literal["auto", "fused", "triton", "reference"] = "auto"  # see fitdist/kernels (auto: fused)
 
 
 @dataclass

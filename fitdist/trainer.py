@@ -78,7 +78,7 @@ class _Run:
             self.teacher.to(env.device)
         self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
 
-        self.pos, self.saved = Position(), None
+        self.pos, self.saved, self.evaluated = Position(), None, (None, {})
         self.resumed_state = self._resume_state(resume or cfg.run.resume == "auto", strict=resume)
         if env.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -171,7 +171,11 @@ class _Run:
         self.logger.log(row, self.pos.global_step)
 
     def _evaluate(self) -> dict:
-        return evaluate(self.student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
+        """Evaluates the backbone, once per global step at most (a stage end is also the run's end)."""
+        if self.evaluated[0] != self.pos.global_step:
+            metrics = evaluate(self.student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
+            self.evaluated = (self.pos.global_step, metrics)
+        return self.evaluated[1]
 
     def _checkpoint(self, optimizer, scheduler) -> None:
         pos = self.pos
