@@ -38,7 +38,7 @@ IMPLS = ("auto", "fused", "triton", "reference")
 
 __all__ = [
     "IMPLS",
-    "KDTerms",
+    "KDLoss",
     "fused_hint_loss",
     "fused_kd_ce_loss",
     "fused_kd_loss",
@@ -116,18 +116,12 @@ def fused_hint_loss(
     return chunked_hint_loss(student_feat, spec, teacher_hint, reduction, chunk_rows)
 
 
-class KDTerms(NamedTuple):
-    """The two terms of the KD objective, fp32 scalars; weight them with `weighted`."""
+class KDLoss(NamedTuple):
+    """The weighted KD objective and its two terms (fp32 scalars)."""
 
-    ce: torch.Tensor | None  # cross-entropy with the labels, None without labels
-    kd: torch.Tensor  # T² · KL(p_t^T ‖ p_s^T), batchmean
-
-    def weighted(self, ce_weight: float, kd_weight: float) -> torch.Tensor:
-        """`ce_weight · ce + kd_weight · kd` (the ce term is skipped when absent or weighted 0)."""
-        loss = self.kd * kd_weight
-        if self.ce is not None and ce_weight != 0:
-            loss = loss + self.ce * ce_weight
-        return loss
+    loss: torch.Tensor  # ce_weight · ce + kd_weight · kd: the one to differentiate
+    ce: torch.Tensor | None  # cross-entropy with the labels (None without labels), detached
+    kd: torch.Tensor  # T² · KL(p_t^T ‖ p_s^T), batchmean, detached
 
 
 def fused_kd_ce_loss(
@@ -135,27 +129,34 @@ def fused_kd_ce_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
     temperature: float,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
     *,
     impl: str = "auto",
     chunk_rows: int | None = None,
-) -> KDTerms:
-    """`KDTerms(F.cross_entropy(s.float(), labels), kd_loss(s, t, temperature))`, one pass.
+) -> KDLoss:
+    """`ce_weight · F.cross_entropy(s.float(), labels) + kd_weight · kd_loss(s, t, T)`, one pass.
 
-    Both terms stay differentiable separately (log them apart, weight them freely); their backward
-    is one fused pass as well. The teacher logits get no gradient.
+    Returns the weighted loss (differentiable with respect to the student logits only) and the
+    two terms, detached, for logging. Without labels the ce term is None and ce_weight unused.
+    The weights are plain floats (a schedule's value at this step, e.g. FitNets' annealed λ).
     """
     check_kd_inputs(student_logits, teacher_logits, labels, temperature)
     which = select_impl(impl, student_logits.device)
     if which == "reference":
-        ce = F.cross_entropy(student_logits.float(), labels) if labels is not None else None
-        return KDTerms(ce, kd_loss(student_logits, teacher_logits, temperature))
+        kd = kd_loss(student_logits, teacher_logits, temperature)
+        if labels is None:
+            return KDLoss(kd * kd_weight, None, kd.detach())
+        ce = F.cross_entropy(student_logits.float(), labels)
+        return KDLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach())
+    args = (student_logits, teacher_logits, labels, temperature, ce_weight, kd_weight)
     if which == "triton":
         from fitdist.kernels.triton_kd import triton_kd_ce
 
-        ce, kd = triton_kd_ce(student_logits, teacher_logits, labels, temperature)
+        loss, ce, kd = triton_kd_ce(*args)
     else:
-        ce, kd = chunked_kd_ce(student_logits, teacher_logits, labels, temperature, chunk_rows)
-    return KDTerms(ce if labels is not None else None, kd)
+        loss, ce, kd = chunked_kd_ce(*args, chunk_rows)
+    return KDLoss(loss, ce if labels is not None else None, kd)
 
 
 def fused_kd_loss(
@@ -166,4 +167,4 @@ def fused_kd_loss(
     impl: str = "auto",
 ) -> torch.Tensor:
     """`kd_loss(student_logits, teacher_logits, temperature)`, fused."""
-    return fused_kd_ce_loss(student_logits, teacher_logits, None, temperature, impl=impl).kd
+    return fused_kd_ce_loss(student_logits, teacher_logits, None, temperature, impl=impl).loss

@@ -1,15 +1,23 @@
 """Fused cross-entropy + KD loss (Hinton et al. 2015) in chunked PyTorch.
 
-One pass over row chunks of the logits computes, in fp32, the log-sum-exp of the student logits
-at T=1 (cross-entropy) and at T, the teacher's at T, and from them
-`CE = mean(lse₁(s) − s[y])` and `KD = T² · Σ p_t^T (log p_t^T − log p_s^T) / N` (batchmean).
-Only the inputs and the three per-row log-sum-exps are saved; backward rebuilds the softmaxes
-chunk by chunk: `∂CE/∂s = (softmax(s) − onehot(y)) / N`, `∂KD/∂s = T (p_s^T − p_t^T) / N`.
+One pass over row chunks of the logits computes, in fp32, the log-softmax of the student logits
+at T=1 (cross-entropy) and at T and the teacher's at T, and reduces them to
+`CE = −mean(log p_s[y])` and `KD = T² · Σ p_t^T (log p_t^T − log p_s^T) / N` (batchmean).
+A chunk stays in cache across its few passes, where the reference streams whole N×K tensors
+through memory a dozen times.
+
+The loss is `ce_weight · CE + kd_weight · KD`, a scalar, so its gradient is known in the forward
+pass, where the softmaxes are at hand: `ce_weight (softmax(s) − onehot(y)) / N +
+kd_weight · T (p_s^T − p_t^T) / N`. When a gradient is wanted it is written there, and that one
+N×K tensor (in the logits' dtype) is all backward needs: it only scales it by the incoming
+gradient. Recomputing it in backward would cost three more softmaxes for no memory saved, since
+the logits themselves would have to be kept instead.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Logit elements per chunk: 2^16 fp32 values = 256 KiB per temporary (a few fit in L2).
 CHUNK_ELEMENTS = 1 << 16
@@ -37,59 +45,45 @@ def default_rows(classes: int) -> int:
 
 
 class ChunkedKDCE(torch.autograd.Function):
-    """(ce, kd) for N×K logits; ce is 0 without labels. Gradient flows to the student only."""
+    """(loss, ce, kd) for N×K logits; ce is 0 without labels; ce and kd carry no gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, rows):
-        ctx.set_materialize_grads(False)  # an unused output (e.g. ce) then costs no backward work
+    def forward(ctx, student, teacher, labels, temperature, ce_weight, kd_weight, rows):
         n = student.shape[0]
         t = float(temperature)
-        dev = student.device
-        lse1 = torch.empty(n, dtype=torch.float32, device=dev) if labels is not None else None
-        lse_s = torch.empty(n, dtype=torch.float32, device=dev)
-        lse_t = torch.empty(n, dtype=torch.float32, device=dev)
-        ce = torch.zeros((), dtype=torch.float32, device=dev)
-        kl = torch.zeros((), dtype=torch.float32, device=dev)
+        ce = torch.zeros((), dtype=torch.float32, device=student.device)
+        kl = torch.zeros((), dtype=torch.float32, device=student.device)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
         for r0 in range(0, n, rows):
             rs = slice(r0, min(r0 + rows, n))
             s = student[rs].float()
+            # Division, not a multiply by 1/T: the same rounding as the reference.
+            log_ps = F.log_softmax(s / t, dim=1)
+            log_pt = F.log_softmax(teacher[rs].float() / t, dim=1)
+            p_t = log_pt.exp()
+            # Σ p_t (log p_t − log p_s) element by element, as kl_div computes it.
+            kl += torch.dot(p_t.view(-1), log_pt.sub_(log_ps).view(-1))
+            if grad is not None:  # T (p_s − p_t) / N: the T² of the loss over the 1/T of s/T
+                g = log_ps.exp_().sub_(p_t).mul_(kd_weight * t / n)
             if labels is not None:
-                lse1[rs] = torch.logsumexp(s, dim=1)
-                ce += lse1[rs].sum() - s.gather(1, labels[rs, None]).sum()
-            a = s / t  # division, not a multiply by 1/T: the same rounding as the reference
-            b = teacher[rs].float() / t
-            lse_s[rs] = torch.logsumexp(a, dim=1)
-            lse_t[rs] = torch.logsumexp(b, dim=1)
-            log_pt = b.sub_(lse_t[rs, None])
-            log_ps = a.sub_(lse_s[rs, None])
-            # Σ p_t (log p_t − log p_s), element by element as kl_div does (no Σp_t = 1 shortcut,
-            # which would cancel badly when student and teacher agree).
-            kl += torch.dot(log_pt.exp().view(-1), (log_pt - log_ps).view(-1))
-        ctx.save_for_backward(student, teacher, labels, lse1, lse_s, lse_t)
-        ctx.temperature, ctx.rows = t, rows
-        return ce / n, kl * (t * t / n)
+                log_p = F.log_softmax(s, dim=1)
+                ce -= log_p.gather(1, labels[rs, None]).sum()
+                if grad is not None and ce_weight != 0:  # (softmax(s) − onehot(y)) / N
+                    p = log_p.exp_()
+                    p.scatter_add_(1, labels[rs, None], torch.full_like(p[:, :1], -1.0))
+                    g.add_(p.mul_(ce_weight / n))
+            if grad is not None:
+                grad[rs] = g
+        ce, kd = ce / n, kl * (t * t / n)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kd)  # logged apart; the gradient is the weighted loss's
+        return ce * ce_weight + kd * kd_weight, ce, kd
 
     @staticmethod
-    def backward(ctx, g_ce, g_kd):
-        student, teacher, labels, lse1, lse_s, lse_t = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_kd is None and (g_ce is None or labels is None)):
-            return None, None, None, None, None
-        n, t, rows = student.shape[0], ctx.temperature, ctx.rows
-        grad = torch.empty_like(student)
-        for r0 in range(0, n, rows):
-            rs = slice(r0, min(r0 + rows, n))
-            s = student[rs].float()
-            g = torch.zeros_like(s)
-            if g_kd is not None:
-                p_s = (s / t).sub_(lse_s[rs, None]).exp_()
-                p_t = (teacher[rs].float() / t).sub_(lse_t[rs, None]).exp_()
-                g += p_s.sub_(p_t).mul_(g_kd.float() * (t / n))
-            if g_ce is not None and labels is not None:
-                p = (s - lse1[rs, None]).exp_()  # s may alias the saved fp32 input
-                p.scatter_add_(1, labels[rs, None], torch.full_like(p[:, :1], -1.0))
-                g += p.mul_(g_ce.float() / n)
-            grad[rs] = g
-        return grad, None, None, None, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _g_ce, _g_kd):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 
 def chunked_kd_ce(
@@ -97,8 +91,11 @@ def chunked_kd_ce(
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
     temperature: float,
+    ce_weight: float,
+    kd_weight: float,
     rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce, kd) in chunked PyTorch; inputs must already be checked."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd) in chunked PyTorch; inputs must already be checked."""
     rows = rows or default_rows(student.shape[1])
-    return ChunkedKDCE.apply(student, teacher.detach(), labels, float(temperature), rows)
+    args = (float(temperature), float(ce_weight), float(kd_weight), rows)
+    return ChunkedKDCE.apply(student, teacher.detach(), labels, *args)

@@ -1,11 +1,12 @@
-"""Triton kernels for the fused cross-entropy + KD loss: the math of `kernels/kd.py`, one program
+"""Triton kernel for the fused cross-entropy + KD loss: the math of `kernels/kd.py`, one program
 per logit row.
 
-Forward streams a row twice in blocks of classes: first an online log-sum-exp (running max and
-rescaled sum) of s, s/T and t/T, then the per-row KL term. It writes per-row ce and kl and the three
-log-sum-exps; the batch sums happen in fp32 with torch. Backward streams the row once more and
-writes `g_ce (softmax(s) − onehot(y)) / N + g_kd T (p_s^T − p_t^T) / N`. Every value is fp32 in
-registers whatever the logits' dtype. Imported only when Triton is used.
+The program streams its row twice in blocks of classes: first an online log-sum-exp (running max
+and rescaled sum) of s, s/T and t/T; then the per-row KL term and, when a gradient is wanted,
+`ce_weight (softmax(s) − onehot(y)) / N + kd_weight · T (p_s^T − p_t^T) / N` into the gradient
+row. It writes per-row ce and kl; the batch sums happen in fp32 with torch. Every value is fp32 in
+registers whatever the logits' dtype. Backward only scales the saved gradient. Imported only when
+Triton is used.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def _lse_update(m, acc, x):
 
 @triton.jit
 def _kd_fwd(
-    s_ptr, t_ptr, y_ptr, ce_ptr, kl_ptr, lse1_ptr, lses_ptr, lset_ptr,
-    K, stride_s, stride_t, inv_t,
-    HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+    s_ptr, t_ptr, y_ptr, ce_ptr, kl_ptr, g_ptr,
+    K, stride_s, stride_t, stride_g, inv_t, c_ce, c_kd,
+    HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -48,6 +49,9 @@ def _kd_fwd(
         mt, at = _lse_update(mt, at, t * inv_t)
     lse_s = ms + tl.log(as_)
     lse_t = mt + tl.log(at)
+    lse1 = m1 + tl.log(a1)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
     kl = zero
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -56,94 +60,54 @@ def _kd_fwd(
         t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
         log_pt = t * inv_t - lse_t
         log_ps = s * inv_t - lse_s
-        kl += tl.sum(tl.where(mask, tl.exp(log_pt) * (log_pt - log_ps), 0.0), 0)
+        p_t = tl.exp(log_pt)
+        kl += tl.sum(tl.where(mask, p_t * (log_pt - log_ps), 0.0), 0)
+        if WANT_GRAD:
+            g = c_kd * (tl.exp(log_ps) - p_t)
+            if HAS_LABELS:
+                g += c_ce * (tl.exp(s - lse1) - tl.where(offs == y, 1.0, 0.0))
+            tl.store(g_ptr + row * stride_g + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(kl_ptr + row, kl)
-    tl.store(lses_ptr + row, lse_s)
-    tl.store(lset_ptr + row, lse_t)
     if HAS_LABELS:
-        lse1 = m1 + tl.log(a1)
-        y = tl.load(y_ptr + row)
         tl.store(ce_ptr + row, lse1 - tl.load(s_row + y).to(tl.float32))
-        tl.store(lse1_ptr + row, lse1)
-
-
-@triton.jit
-def _kd_bwd(
-    s_ptr, t_ptr, y_ptr, g_ptr, lse1_ptr, lses_ptr, lset_ptr, coef_ptr,
-    K, stride_s, stride_t, stride_g, inv_t,
-    HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    c_ce = tl.load(coef_ptr)  # g_ce / N, read on device: no host synchronisation
-    c_kd = tl.load(coef_ptr + 1)  # g_kd · T / N
-    lse_s = tl.load(lses_ptr + row)
-    lse_t = tl.load(lset_ptr + row)
-    if HAS_CE:
-        lse1 = tl.load(lse1_ptr + row)
-        y = tl.load(y_ptr + row)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < K
-        s = tl.load(s_ptr + row * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.zeros([BLOCK], tl.float32)
-        if HAS_KD:
-            t = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            g += c_kd * (tl.exp(s * inv_t - lse_s) - tl.exp(t * inv_t - lse_t))
-        if HAS_CE:
-            g += c_ce * (tl.exp(s - lse1) - tl.where(offs == y, 1.0, 0.0))
-        tl.store(g_ptr + row * stride_g + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 class TritonKDCE(torch.autograd.Function):
-    """(ce, kd) like `kd.ChunkedKDCE`, with the row loops in Triton."""
+    """(loss, ce, kd) like `kd.ChunkedKDCE`, with the row loops in Triton."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature):
-        ctx.set_materialize_grads(False)
+    def forward(ctx, student, teacher, labels, temperature, ce_weight, kd_weight):
         student, teacher = student.contiguous(), teacher.contiguous()
         n, k = student.shape
         t = float(temperature)
         f32 = dict(dtype=torch.float32, device=student.device)
         has_labels = labels is not None
+        want_grad = ctx.needs_input_grad[0]
         ce_rows = torch.empty(n, **f32) if has_labels else None
-        lse1 = torch.empty(n, **f32) if has_labels else None
-        kl_rows, lse_s, lse_t = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
-        dummy = lse_s  # never read when HAS_LABELS is off
+        kl_rows = torch.empty(n, **f32)
+        grad = torch.empty_like(student) if want_grad else None
         block = min(MAX_BLOCK, triton.next_power_of_2(k))
         _kd_fwd[(n,)](
-            student, teacher, labels if has_labels else dummy,
-            ce_rows if has_labels else dummy, kl_rows, lse1 if has_labels else dummy, lse_s, lse_t,
-            k, student.stride(0), teacher.stride(0), 1.0 / t,
-            HAS_LABELS=has_labels, BLOCK=block,
+            student, teacher, labels if has_labels else kl_rows,  # dummies are never read
+            ce_rows if has_labels else kl_rows, kl_rows, grad if want_grad else kl_rows,
+            k, student.stride(0), teacher.stride(0), grad.stride(0) if want_grad else 0,
+            1.0 / t, ce_weight / n, kd_weight * t / n,
+            HAS_LABELS=has_labels, WANT_GRAD=want_grad, BLOCK=block,
         )  # fmt: skip
         ce = ce_rows.sum() / n if has_labels else torch.zeros((), **f32)
-        ctx.save_for_backward(student, teacher, labels, lse1, lse_s, lse_t)
-        ctx.temperature, ctx.block = t, block
-        return ce, kl_rows.sum() * (t * t / n)
+        kd = kl_rows.sum() * (t * t / n)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kd)
+        return ce * ce_weight + kd * kd_weight, ce, kd
 
     @staticmethod
-    def backward(ctx, g_ce, g_kd):
-        student, teacher, labels, lse1, lse_s, lse_t = ctx.saved_tensors
-        has_ce = g_ce is not None and labels is not None
-        if not ctx.needs_input_grad[0] or (g_kd is None and not has_ce):
-            return None, None, None, None
-        n, k = student.shape
-        t = ctx.temperature
-        zero = torch.zeros((), dtype=torch.float32, device=student.device)
-        coef = torch.stack([
-            g_ce.float() / n if has_ce else zero,
-            g_kd.float() * (t / n) if g_kd is not None else zero,
-        ])  # fmt: skip
-        grad = torch.empty_like(student)
-        _kd_bwd[(n,)](
-            student, teacher, labels if has_ce else lse_s, grad,
-            lse1 if has_ce else lse_s, lse_s, lse_t, coef,
-            k, student.stride(0), teacher.stride(0), grad.stride(0), 1.0 / t,
-            HAS_CE=has_ce, HAS_KD=g_kd is not None, BLOCK=ctx.block,
-        )  # fmt: skip
-        return grad, None, None, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _g_ce, _g_kd):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
-def triton_kd_ce(student, teacher, labels, temperature):
-    """(ce, kd) with the Triton kernels; inputs must already be checked."""
-    return TritonKDCE.apply(student, teacher.detach(), labels, float(temperature))
+def triton_kd_ce(student, teacher, labels, temperature, ce_weight, kd_weight):
+    """(loss, ce, kd) with the Triton kernel; inputs must already be checked."""
+    args = (float(temperature), float(ce_weight), float(kd_weight))
+    return TritonKDCE.apply(student, teacher.detach(), labels, *args)

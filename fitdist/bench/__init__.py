@@ -1,0 +1,1 @@
+"""Benchmarks behind `fitdist bench <name>`: each module has `main(argv) -> int`."""
