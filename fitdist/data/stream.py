@@ -1,0 +1,231 @@
+"""The per-worker WebDataset pipeline: shards -> samples -> shuffle -> decode/transform -> batches.
+
+Every batch carries a `Report` (samples skipped since the previous batch, new messages, a fatal
+error), so skip counts reach the main process through the DataLoader itself, with or without
+worker processes. Bad data never crashes a worker:
+- an unreadable image, a sample without image or label, a label out of range: that sample is
+  skipped, counted and reported with its shard and key;
+- a truncated or garbage tar member: tarfile runs with `ignore_zeros`, which steps over a damaged
+  header to the next valid one; a shard that ends early (or cannot be opened) has its missing
+  samples counted from the manifest's per-shard count;
+- a shard holding more samples than the manifest lists, or a training pass over every shard that
+  yields no usable sample (which would otherwise spin forever), is fatal: the main process raises a
+  UserError (exit status 2) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from fitdist.data.manifest import is_local, local_path, shard_name
+from fitdist.data.transforms import IMAGE_EXTS, decode
+
+
+class Report(NamedTuple):
+    skipped: int  # samples skipped since the previous batch of this worker
+    messages: tuple[str, ...]  # one line per skip event ("shard: key: reason")
+    fatal: str | None  # set once; the main process raises it as a UserError
+
+
+class _Fatal(Exception):
+    pass
+
+
+class _Stats:
+    """Skip counts and messages not yet sent; each message is sent once per worker."""
+
+    def __init__(self):
+        self.skipped, self.messages, self.sent = 0, [], set()
+
+    def skip(self, n: int, message: str) -> None:
+        self.skipped += n
+        if message not in self.sent:
+            self.sent.add(message)
+            self.messages.append(message)
+
+    def take(self, fatal: str | None = None) -> Report:
+        report = Report(self.skipped, tuple(self.messages), fatal)
+        self.skipped, self.messages = 0, []
+        return report
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs; built in the main process."""
+
+    urls: list[str]  # this rank's shards (validation) or all shards (training)
+    batch: int
+    channels: int
+    num_classes: int
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    train: bool  # endless resampled passes, shuffled; else one ordered pass
+    seed: tuple = (0, 0, 0)  # (seed, rank, first micro-batch): the training stream's RNG
+    shuffle_buffer: int = 2000
+    expected: dict[str, int] = field(default_factory=dict)  # url -> manifest sample count
+    limits: dict[str, int] = field(default_factory=dict)  # url -> read only this many samples
+
+
+def _open(url: str):
+    if is_local(url):
+        return open(local_path(url), "rb", buffering=1 << 20)
+    from webdataset.gopen import gopen  # pipe: commands, http(s) through curl, ...
+
+    return gopen(url, "rb")
+
+
+def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats) -> Iterator[dict]:
+    """Samples (dicts of raw fields by extension, plus `__key__`, `__url__`) of one shard."""
+    name, seen, key, sample = shard_name(url), 0, None, None
+    try:
+        stream = _open(url)
+    except Exception as e:  # noqa: BLE001 - a missing or unreachable shard is skipped whole
+        stats.skip(
+            expected or 0,
+            f"{name}: cannot open ({type(e).__name__}: {e}); {expected or 'its'} samples skipped",
+        )
+        return
+    try:
+        # ignore_zeros: step over a damaged member header instead of ending the shard there
+        tar = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)  # noqa: SIM115
+        for info in tar:
+            if not info.isreg():
+                continue
+            data = tar.extractfile(info).read()
+            tar.members = []  # streaming: do not keep every header in memory
+            prefix, ext = base_plus_ext(info.name)
+            if prefix is None or prefix.startswith("__"):
+                continue
+            if prefix != key:
+                if sample is not None:
+                    yield sample
+                key, sample, seen = prefix, {"__key__": prefix, "__url__": url}, seen + 1
+                if limit is not None and seen > limit:
+                    sample = None
+                    return
+                if expected is not None and seen > expected:
+                    raise _Fatal(
+                        f"the shard manifest disagrees with shard {url}: the shard holds "
+                        f"more than the {expected} samples listed"
+                    )
+            sample[ext.lower()] = data
+        if sample is not None:
+            yield sample
+            sample = None
+    except _Fatal:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or garbage tar data
+        if sample is not None:
+            stats.skip(1, f"{name}: {key}: damaged tar data ({type(e).__name__}: {e})")
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001, S110 - a pipe closed early reports SIGPIPE: expected
+            pass
+    want = expected if limit is None else min(limit, expected or limit)
+    if want is not None and seen < want:
+        stats.skip(
+            want - seen,
+            f"{name}: {want - seen} of {want} samples missing after key {key} "
+            f"(truncated or damaged shard)",
+        )
+
+
+def _shuffled(
+    samples: Iterator[dict], bufsize: int, initial: int, rng: random.Random
+) -> Iterator[dict]:
+    """Buffer shuffle; starts after `initial` samples and grows to `bufsize` (fast first batch)."""
+    buf: list[dict] = []
+    for n, s in enumerate(samples):
+        buf.append(s)
+        if len(buf) >= min(bufsize, initial + n // 2):
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """Batches `(images, labels, Report)` of one rank; each DataLoader worker takes its own part."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Report]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stats = _Stats()
+        try:
+            yield from self._batches(worker, workers, stats)
+        except _Fatal as e:
+            yield torch.empty(0), torch.empty(0, dtype=torch.int64), stats.take(fatal=str(e))
+
+    def _samples(
+        self, worker: int, workers: int, stats: _Stats, rng: random.Random
+    ) -> Iterator[dict]:
+        s = self.spec
+
+        def shard(url: str) -> Iterator[dict]:
+            return read_shard(url, s.expected.get(url), s.limits.get(url), stats)
+
+        if not s.train:  # one pass over this worker's share: every sample exactly once
+            for url in s.urls[worker::workers]:
+                yield from shard(url)
+            return
+        while True:  # resampled: an endless sequence of shuffled passes, so no rank runs dry
+            order, produced = list(s.urls), 0
+            rng.shuffle(order)
+            for url in order:
+                for sample in shard(url):
+                    produced += 1
+                    yield sample
+            if produced == 0:
+                raise _Fatal(
+                    f"no readable sample in any of the {len(order)} training shards "
+                    f"(first: {order[0]}); see the skipped-sample warnings"
+                )
+
+    def _example(self, sample: dict) -> tuple[torch.Tensor, int]:
+        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image is None:
+            raise ValueError("no image in the sample")
+        if "cls" not in sample:
+            raise ValueError("no label (.cls) in the sample")
+        label = int(sample["cls"])
+        if not 0 <= label < self.spec.num_classes:
+            raise ValueError(f"label {label} outside 0..{self.spec.num_classes - 1}")
+        return self.spec.transform(decode(image, self.spec.channels)), label
+
+    def _batches(self, worker: int, workers: int, stats: _Stats):
+        s = self.spec
+        rng = random.Random("fitdist:{}:{}:{}:{}".format(*s.seed, worker))  # str seeds are stable
+        samples = self._samples(worker, workers, stats, rng)
+        if s.train and s.shuffle_buffer > 1:
+            samples = _shuffled(samples, s.shuffle_buffer, max(100, s.batch), rng)
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        for sample in samples:
+            try:
+                x, y = self._example(sample)
+            except Exception as e:  # noqa: BLE001 - a bad sample is skipped, counted and reported
+                where = f"{shard_name(sample['__url__'])}: {sample['__key__']}"
+                stats.skip(1, f"{where}: {type(e).__name__}: {e}")
+                continue
+            images.append(x)
+            labels.append(y)
+            if len(images) == s.batch:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), stats.take()
+                images, labels = [], []
+        if images:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), stats.take()
+        if stats.skipped or stats.messages:  # skips after the last batch still reach the counter
+            yield torch.empty(0), torch.empty(0, dtype=torch.int64), stats.take()

@@ -1,0 +1,243 @@
+"""WebDataset shards as a `DataBundle` (`data.source: webdataset`).
+
+- Shards: `data.train` / `data.val` are brace patterns (`dir/train-{000000..000127}.tar`),
+  `pipe:` commands or http(s) URLs (several joined with `::`); or set only `data.root` to use
+  every shard its `manifest.json` lists. Local patterns are checked up front: a pattern matching
+  no file, an empty shard list or a shard the manifest does not list is a UserError naming it.
+- Training: every rank and worker walks its own endless sequence of shuffled passes over all
+  training shards (resampling), so no rank runs dry and DDP never waits on a finished rank.
+  The stream is seeded from (seed, rank, first micro-batch, worker): a resumed run continues with
+  a fresh, reproducible stream rather than replaying the exact samples of the interrupted one.
+- Validation: shards are dealt to ranks (balanced by the manifest's counts) and then to workers;
+  shards are disjoint, so across all ranks every sample is read exactly once, and top-1 is exact
+  when the evaluator sums counts (fitdist.evaluate does).
+- `metrics()` gives `data/skipped`: samples this rank skipped (train and validation), counted in
+  the batches the workers send, each bad sample logged once with its shard and key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+
+from fitdist.config import DataConfig
+from fitdist.data import Batch, DataBundle
+from fitdist.data.manifest import (
+    is_local,
+    local_path,
+    manifest_url,
+    read_manifest,
+    shard_name,
+    shard_table,
+)
+from fitdist.data.stream import Report, ShardStream, StreamSpec
+from fitdist.data.transforms import AUTO_AUGMENT, MEAN_STD, build_transform
+from fitdist.errors import UserError
+
+log = logging.getLogger("fitdist.data")
+MAX_LOGGED = 10_000  # distinct skip messages remembered per rank (logging each once)
+
+
+class SkipCounter:
+    """Main-process side of the reports: totals, one log line per distinct skip, fatal errors."""
+
+    def __init__(self):
+        self.skipped, self.logged = 0, set()
+
+    def absorb(self, report: Report) -> None:
+        self.skipped += report.skipped
+        for message in report.messages:
+            if message in self.logged or len(self.logged) > MAX_LOGGED:
+                continue
+            self.logged.add(message)
+            log.warning("skipped sample(s): %s", message)
+            if len(self.logged) == MAX_LOGGED:
+                log.warning("further skipped samples are counted in data/skipped but not logged")
+        if report.fatal:
+            raise UserError(report.fatal)
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/skipped": self.skipped}
+
+
+def expand_shards(pattern: str | None, key: str) -> list[str]:
+    """The shard URLs of a pattern; local files must exist. UserError names what is wrong."""
+    if not pattern or not pattern.strip():
+        raise UserError(
+            f"{key}: empty shard list (set a pattern such as dir/train-{{000000..000009}}.tar)"
+        )
+    urls = [u for u in expand_urls(pattern.strip()) if u]
+    if not urls:
+        raise UserError(f"{key}: the pattern {pattern!r} expands to an empty shard list")
+    local = [u for u in urls if is_local(u)]
+    missing = [u for u in local if not local_path(u).is_file()]
+    if missing and len(missing) == len(urls):
+        raise UserError(f"{key}: no file matches {pattern}")
+    if missing:
+        raise UserError(
+            f"{key}: shard {missing[0]} does not exist ({len(missing)} of {len(urls)} "
+            f"shards of {pattern} are missing)"
+        )
+    return urls
+
+
+def _root_shards(root: str, split: str) -> tuple[list[str], str]:
+    mpath = os.path.join(root, "manifest.json")
+    m = read_manifest(mpath)
+    if split not in m["splits"] or not m["splits"][split]["shards"]:
+        raise UserError(f"{mpath}: no {split} shards listed (empty shard list)")
+    return [os.path.join(root, s["name"]) for s in m["splits"][split]["shards"]], mpath
+
+
+def _resolve(pattern: str | None, root: str | None, split: str, key: str):
+    """(urls, manifest, manifest location) for one split."""
+    if pattern is None and root:
+        urls, where = _root_shards(root, split)
+        urls = expand_shards("::".join(urls), key)
+    else:
+        urls = expand_shards(pattern, key)
+        where = manifest_url(urls[0])  # next to the shards, wherever they are
+    manifest = read_manifest(where)
+    table = shard_table(manifest)
+    for url in urls:
+        entry = table.get(shard_name(url))
+        if entry is None:
+            raise UserError(f"{where} disagrees with the shards: it does not list {url}")
+        if is_local(url) and local_path(url).stat().st_size != entry["bytes"]:
+            log.warning(
+                "%s has %d bytes but %s lists %d: damaged or rewritten? Bad samples will be "
+                "skipped and counted",
+                url,
+                local_path(url).stat().st_size,
+                where,
+                entry["bytes"],
+            )
+    return urls, manifest, where
+
+
+def _deal(urls: list[str], counts: list[int], world: int) -> list[list[str]]:
+    """Shards per rank, largest first to the least loaded rank: balanced and deterministic."""
+    loads, out = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(urls)), key=lambda i: (-counts[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        out[r].append(urls[i])
+        loads[r] += counts[i]
+    return out
+
+
+def _subset(urls: list[str], counts: list[int], n: int) -> tuple[list[str], dict[str, int]]:
+    """The first shards covering `n` samples, and how many samples to read from the last one."""
+    kept, limits, total = [], {}, 0
+    for url, c in zip(urls, counts):
+        kept.append(url)
+        if total + c >= n:
+            limits[url] = n - total
+            break
+        total += c
+    return kept, limits
+
+
+def _loader(spec: StreamSpec, workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        ShardStream(spec),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),  # transform randomness in workers
+    )
+
+
+def _drain(loader: DataLoader, counter: SkipCounter) -> Iterator[Batch]:
+    for images, labels, report in loader:
+        counter.absorb(report)
+        if len(labels):
+            yield images, labels
+
+
+def build_webdataset(
+    cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1
+) -> DataBundle:
+    """The bundle for WebDataset shards written by `fitdist shard` (see docs/DATA.md)."""
+    train_urls, manifest, where = _resolve(cfg.train, cfg.root, "train", "data.train")
+    val_urls, val_manifest, val_where = _resolve(cfg.val, cfg.root, "test", "data.val")
+    if val_manifest["classes"] != manifest["classes"]:
+        raise UserError(
+            f"{val_where} and {where} list different classes: train and validation "
+            f"shards come from different datasets"
+        )
+    num_classes = manifest["num_classes"]
+    if cfg.num_classes is not None and cfg.num_classes < num_classes:
+        raise UserError(
+            f"data.num_classes is {cfg.num_classes} but {where} has {num_classes} classes"
+        )
+    dataset, image = manifest.get("dataset", ""), manifest["image"]
+    channels = 1 if image["mode"] == "L" else 3
+    native = image.get("size")  # [width, height] when every image has it
+    augment = AUTO_AUGMENT.get(dataset, "none") if cfg.augment == "auto" else cfg.augment
+    size = cfg.image_size or (None if native else 224)
+    mean, std = MEAN_STD.get(dataset, ((0.5,) * channels, (0.5,) * channels))
+    mean, std = cfg.mean or mean, cfg.std or std
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(
+            f"data.mean/std need {channels} values for {where} ({image['mode']} images)"
+        )
+    out_hw = (size, size) if size else (native[1], native[0])
+    if augment == "imagenet":
+        out_hw = (size or 224, size or 224)
+
+    table, val_table = shard_table(manifest), shard_table(val_manifest)
+    train_counts = [table[shard_name(u)]["count"] for u in train_urls]
+    val_counts = [val_table[shard_name(u)]["count"] for u in val_urls]
+    limits: dict[str, int] = {}
+    if cfg.train_subset:
+        train_urls, limits = _subset(train_urls, train_counts, cfg.train_subset)
+    counter = SkipCounter()
+    common = {"channels": channels, "num_classes": cfg.num_classes or num_classes}
+
+    def train_batches(start: int = 0) -> Iterator[Batch]:
+        spec = StreamSpec(
+            urls=train_urls,
+            batch=micro_batch,
+            train=True,
+            seed=(seed, rank, start),
+            transform=build_transform(augment, True, size, native, mean, std),
+            shuffle_buffer=cfg.shuffle_buffer,
+            limits=limits,
+            expected={u: table[shard_name(u)]["count"] for u in train_urls},
+            **common,
+        )
+        # seed + rank + start: each rank's workers draw different augmentations, reproducibly
+        loader = _loader(spec, cfg.num_workers, seed * 1_000_003 + rank * 7919 + start)
+        return _drain(loader, counter)
+
+    mine = _deal(val_urls, val_counts, world)[rank]
+
+    def val_batches() -> Iterator[Batch]:
+        if not mine:  # more ranks than validation shards: this rank has nothing to evaluate
+            return iter(())
+        spec = StreamSpec(
+            urls=mine,
+            batch=eval_batch,
+            train=False,
+            transform=build_transform(augment, False, size, native, mean, std),
+            expected={u: val_table[shard_name(u)]["count"] for u in mine},
+            **common,
+        )
+        return _drain(_loader(spec, min(cfg.num_workers, len(mine)), seed), counter)
+
+    return DataBundle(
+        train_batches=train_batches,
+        val_batches=val_batches,
+        num_classes=cfg.num_classes or num_classes,
+        in_channels=channels,
+        image_size=out_hw,
+        num_val=sum(val_counts),
+        class_names=list(manifest["classes"]),
+        metrics=counter.metrics,
+    )
