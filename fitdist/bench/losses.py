@@ -128,7 +128,9 @@ def _kd_fns(batch, classes, device):
 def run(args) -> list[Result]:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cases = [(n, _hint_fns(b, s, t, device)) for n, b, s, t in (SMALL_HINT if args.small else HINT_CASES)]
+    cases = [
+        (n, _hint_fns(b, s, t, device)) for n, b, s, t in (SMALL_HINT if args.small else HINT_CASES)
+    ]
     cases += [(n, _kd_fns(b, k, device)) for n, b, k in (SMALL_KD if args.small else KD_CASES)]
     results = []
     for name, (ref, fused) in cases:
@@ -151,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # pinned: the ratios compare like with like
-    results = run(args)
+    try:
+        results = run(args)
+    finally:
+        torch.set_num_threads(threads)  # leave a calling process (e.g. a test) as it was
     if args.json:
         meta = {"device": args.device, "threads": args.threads, "reps": args.reps}
         print(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

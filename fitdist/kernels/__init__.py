@@ -53,7 +53,7 @@ def triton_available() -> bool:
     """True when `import triton` works (it needs no GPU to import)."""
     try:
         import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing at import time
+    except (ImportError, RuntimeError):  # absent, or a broken install failing at import
         return False
     return True
 

@@ -42,7 +42,10 @@ class HintSpec:
 def hint_spec(regressor: nn.Module) -> HintSpec | None:
     """The fused form of `regressor`, or None when only the reference can compute it."""
     proj = getattr(regressor, "proj", None)
-    if getattr(regressor, "bn", None) is not None or getattr(regressor, "resize_to", None) is not None:
+    if (
+        getattr(regressor, "bn", None) is not None
+        or getattr(regressor, "resize_to", None) is not None
+    ):
         return None
     relu = bool(getattr(regressor, "relu", False))
     if isinstance(proj, nn.Linear):
@@ -80,7 +83,11 @@ def check_hint_shapes(feats: torch.Tensor, spec: HintSpec, hint: torch.Tensor) -
         kh, kw = w.shape[-2:]
         ok = feats.dim() == 4 and feats.shape[1] == w.shape[1]
         ok = ok and feats.shape[2] >= kh and feats.shape[3] >= kw
-        out = (feats.shape[0], w.shape[0], feats.shape[2] - kh + 1, feats.shape[3] - kw + 1) if ok else None
+        out = (
+            (feats.shape[0], w.shape[0], feats.shape[2] - kh + 1, feats.shape[3] - kw + 1)
+            if ok
+            else None
+        )
     if out is None:
         raise ValueError(
             f"student feats {tuple(feats.shape)} do not fit the regressor weight {tuple(w.shape)}"
@@ -246,6 +253,8 @@ def chunked_hint_loss(
     hint = hint.detach()
     with torch.autocast(feats.device.type, enabled=False):  # dtypes are chosen explicitly above
         if spec.kind == "conv":
-            return ConvHint.apply(feats, spec.weight, spec.bias, hint, scale, spec.relu, rows, dtype)
+            return ConvHint.apply(
+                feats, spec.weight, spec.bias, hint, scale, spec.relu, rows, dtype
+            )
         x3, h3 = as_maps(feats, hint)
         return PointwiseHint.apply(x3, spec.weight, spec.bias, h3, scale, spec.relu, rows, dtype)

@@ -69,7 +69,9 @@ def _hint_fwd(x_ptr, w_ptr, b_ptr, t_ptr, part_ptr, Cs, Ct, P, n_pblk,
     if RELU:
         z = tl.maximum(z, 0.0)
     mask = (offs_o[:, None] < Ct) & (offs_p[None, :] < P)
-    t = tl.load(t_ptr + b * stb + offs_o[:, None] * sto + offs_p[None, :] * stp, mask=mask, other=0.0)
+    t = tl.load(
+        t_ptr + b * stb + offs_o[:, None] * sto + offs_p[None, :] * stp, mask=mask, other=0.0
+    )
     r = tl.where(mask, z - t.to(tl.float32), 0.0)
     tl.store(part_ptr + pid * tl.num_programs(1) + pid_o, tl.sum(tl.sum(r * r, 1), 0))
 
@@ -135,8 +137,8 @@ def _launch_args(x, w, hint, bias):
     ct = w.shape[0]
     n_pblk = triton.cdiv(p, BLOCK_P)
     dims = (cs, ct, p, n_pblk, *x.stride(), *w.stride(), *hint.stride())
-    meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast,
-                BLOCK_O=BLOCK_O, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)  # fmt: skip
+    meta = {"HAS_BIAS": bias is not None, "IEEE": ieee, "UPCAST": upcast,
+            "BLOCK_O": BLOCK_O, "BLOCK_P": BLOCK_P, "BLOCK_C": BLOCK_C}  # fmt: skip
     return b * n_pblk, dims, meta
 
 
@@ -163,7 +165,7 @@ class TritonPointwiseHint(torch.autograd.Function):
         xc = x.to(ctx.dtype)
         grid0, dims, meta = _launch_args(xc, w, hint, bias)
         coef = (grad_out.float() * (2.0 * ctx.scale)).reshape(1)
-        f32 = dict(dtype=torch.float32, device=x.device)
+        f32 = {"dtype": torch.float32, "device": x.device}
         gx = torch.zeros(x.shape, **f32)
         gw = torch.zeros(w.shape, **f32)
         gb = torch.zeros(w.shape[0], **f32)

