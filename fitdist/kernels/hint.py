@@ -169,9 +169,16 @@ class PointwiseHint(torch.autograd.Function):
             gb += dz.sum(dim=(0, 2))
             dzc = dz.to(dtype)
             if gx is not None:
-                gx[bs, :, ps] = torch.matmul(w.t(), dzc)
+                gxc = gx[bs, :, ps]
+                if gxc.is_contiguous() and gxc.dtype == dzc.dtype:  # in place: no temporary
+                    torch.matmul(w.t(), dzc, out=gxc)
+                else:
+                    gxc.copy_(torch.matmul(w.t(), dzc))
             for i in range(xc.shape[0]):  # Σ over samples of dz·xᵀ, without copying the chunk
-                gw += torch.matmul(dzc[i], xc[i].t()).float()
+                if dzc.dtype == torch.float32:
+                    gw.addmm_(dzc[i], xc[i].t())
+                else:
+                    gw += torch.matmul(dzc[i], xc[i].t()).float()
         grad_w = gw.to(weight.dtype).view_as(weight) if ctx.needs_input_grad[1] else None
         grad_b = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return gx, grad_w, grad_b, None, None, None, None, None
