@@ -223,6 +223,7 @@ def test_cli_main_and_exit_status_2(tmp_path, capsys):
             str(tmp_path / "o"),
         ],
         capture_output=True,
+        check=False,
         text=True,
     )
     assert r.returncode == 2 and "nowhere" in r.stderr and len(r.stderr.strip().splitlines()) == 1
