@@ -89,24 +89,26 @@ class Distiller:
             t_logits, t_hints = self.teacher(images, need_logits=use["kd"])
         s_logits, hint_losses = self.student(images, t_hints if use["hint"] else None, need_logits)
         terms: dict[str, torch.Tensor] = {}
-        if use["ce"] or use["kd"]:
-            terms.update(self._logit_terms(s_logits, t_logits, labels, use))
+        loss = torch.zeros((), device=images.device)
+        if need_logits:
+            loss, terms = self._logit_loss(s_logits, t_logits, labels, weights, use)
         if use["hint"]:
             terms["hint"] = torch.stack(hint_losses).sum()
-        terms["loss"] = sum(weights[t] * terms[t] for t in TERMS if t in terms)
+            loss = loss + weights["hint"] * terms["hint"]
+        terms["loss"] = loss
         return terms
 
-    def _logit_terms(self, s_logits, t_logits, labels, use) -> dict[str, torch.Tensor]:
-        if self.loss_impl != "reference" and use["kd"]:
+    def _logit_loss(self, s_logits, t_logits, labels, weights, use) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`ce_weight·ce + λ·kd` and its terms; with KD, one fused pass over the logits."""
+        if use["kd"] and self.loss_impl != "reference":
             from fitdist import kernels
 
-            ce, kd = kernels.fused_kd_ce_loss(
-                s_logits, t_logits, labels if use["ce"] else None, self.temperature, impl=self.loss_impl
-            )
-            return {"kd": kd, **({"ce": ce} if use["ce"] else {})}
-        out = {}
+            out = kernels.fused_kd_ce_loss(s_logits, t_logits, labels if use["ce"] else None, self.temperature,
+                                           weights["ce"], weights["kd"], impl=self.loss_impl)
+            return out.loss, {"kd": out.kd, **({"ce": out.ce} if use["ce"] else {})}
+        terms = {}
         if use["ce"]:
-            out["ce"] = F.cross_entropy(s_logits.float(), labels)
+            terms["ce"] = F.cross_entropy(s_logits.float(), labels)
         if use["kd"]:
-            out["kd"] = losses.kd_loss(s_logits, t_logits, self.temperature)
-        return out
+            terms["kd"] = losses.kd_loss(s_logits, t_logits, self.temperature)
+        return sum(weights[t] * v for t, v in terms.items()), terms

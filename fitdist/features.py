@@ -60,7 +60,7 @@ class FeatureTap:
         finally:
             self._active = False
         feats, self._feats = self._feats, {}
-        return logits, [feats[p] for p in self.paths]
+        return logits, [feats.get(p) for p in self.paths]  # None: never ran (probe reports it)
 
     def probe(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A full forward that checks every path runs and learns which one runs last."""

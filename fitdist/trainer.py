@@ -70,6 +70,7 @@ class _Run:
         self.micro_batch = per_step // env.world
         self.data = build_data(cfg.data, self.micro_batch, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
         self.teacher = build_teacher(cfg, self.data)
+        torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed alone
         self.student = build_student(cfg, self.data, self.teacher)
         self.student.to(env.device)
         if cfg.train.channels_last:

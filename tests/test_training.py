@@ -1,0 +1,101 @@
+"""End-to-end runs on real Fashion-MNIST: accuracy, stage semantics, λ schedule, outputs, resume."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import STUDENT, TEACHER, run_cli, write_config
+from fitdist.config import ModelConfig, load_config
+from fitdist.models import build_model
+from fitdist.schedule import weight_at
+from fitdist.trainer import train
+
+
+def test_a_short_teacher_run_beats_chance_by_far(trained_teacher):
+    summary = json.loads((trained_teacher.parent / "summary.json").read_text())
+    assert summary["val/top1"] > 70.0  # chance is 10%
+    assert summary["val/n"] == 10000
+
+
+@pytest.fixture(scope="module")
+def fitnets_run(trained_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fitnets")
+    path = write_config(
+        root / "fitnets.yaml",
+        teacher={**TEACHER, "weights": str(trained_teacher)},
+        hints=[{"student": "conv3", "teacher": "conv2"}],
+        stages=[{"name": "hint", "steps": 12, "ce": 0, "hint": 1},
+                {"name": "kd", "steps": 15, "ce": 1, "kd": [4, 1]}],
+        train={"batch_size": 32, "log_every": 1, "checkpoint_every": 0, "threads": 1},
+        run={"dir": str(root / "run"), "keep_checkpoints": 5},
+    )
+    cfg = load_config(path)
+    summary = train(cfg)
+    return cfg, summary
+
+
+def test_lambda_follows_the_linear_schedule_in_metrics(fitnets_run):
+    cfg, _ = fitnets_run
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    kd_rows = [r for r in rows if r["stage"] == "kd"]
+    assert [r["step"] for r in kd_rows] == list(range(13, 28))
+    for r in kd_rows:
+        step_in_stage = r["step"] - 12 - 1  # the row logs the weights used by the step just taken
+        assert r["lambda"] == pytest.approx(weight_at([4.0, 1.0], step_in_stage, 15))
+        assert {"train/loss", "train/ce", "train/kd", "lr", "perf/img_per_s"} <= r.keys()
+    assert kd_rows[0]["lambda"] == 4.0 and kd_rows[-1]["lambda"] == 1.0
+    hint_rows = [r for r in rows if r["stage"] == "hint"]
+    assert len(hint_rows) == 12 and all("train/hint" in r and "train/ce" not in r for r in hint_rows)
+    assert "val/top1" in rows[-1]
+
+
+def test_stage_one_trains_only_the_guided_path_and_the_regressor(fitnets_run):
+    cfg, _ = fitnets_run
+    stage1 = torch.load(cfg.run_dir / "checkpoints" / "step-00000012" / "trainer.pt", weights_only=True)
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(cfg.student, 10, 1).state_dict()
+    weights = stage1["student"]
+    changed = {k.removeprefix("backbone.") for k, v in weights.items()
+               if k.startswith("backbone.") and not torch.equal(v, fresh[k.removeprefix("backbone.")])}
+    guided = {k for k in fresh if k.split(".")[0] in ("conv1", "conv2", "conv3")}
+    assert changed == guided  # weights and BN statistics of conv1..conv3 only
+    assert any(k.startswith("regressors.0.") for k in weights)
+    assert not any("teacher" in k for k in weights)  # the teacher never enters a checkpoint
+
+
+def test_student_pt_is_a_plain_state_dict_and_eval_reports_it(fitnets_run):
+    cfg, summary = fitnets_run
+    state = torch.load(cfg.run_dir / "student.pt", weights_only=True)
+    model = build_model(ModelConfig(**STUDENT), 10, 1)
+    model.load_state_dict(state)  # strict: no regressor or teacher keys
+    out = run_cli("eval", cfg.run_dir)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(summary["val/top1"]) and result["n"] == 10000
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_wandb_offline_run_is_written(fitnets_run):
+    cfg, _ = fitnets_run
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    overrides = ["deterministic=true", "train.checkpoint_every=5", "run.keep_checkpoints=10"]
+    path = write_config(tmp_path / "r.yaml", stages=[{"name": "a", "steps": 10}, {"name": "b", "steps": 8}])
+    cfg = load_config(path, overrides)
+    train(cfg)
+    full = (cfg.run_dir / "student.pt").read_bytes()
+    wandb_id = torch.load(cfg.run_dir / "checkpoints" / "step-00000005" / "trainer.pt", weights_only=True)["wandb_id"]
+    # "kill" the run after step 13: drop later checkpoints and the final export
+    for ckpt in sorted((cfg.run_dir / "checkpoints").iterdir()):
+        if int(ckpt.name.split("-")[1]) > 13:
+            __import__("shutil").rmtree(ckpt)
+    (cfg.run_dir / "student.pt").unlink()
+    summary = train(load_config(path, overrides), resume=True)
+    assert summary["steps"] == 18
+    assert (cfg.run_dir / "student.pt").read_bytes() == full
+    resumed = torch.load(cfg.run_dir / "checkpoints" / "step-00000018" / "trainer.pt", weights_only=True)
+    assert resumed["wandb_id"] == wandb_id  # the same W&B run continues
