@@ -29,7 +29,8 @@ from fitdist.data.sources import Source
 from fitdist.errors import UserError
 
 PROGRESS = ".progress.json"
-TAR_OPTIONS = {"encoder": False, "mtime": 0.0, "user": "fitdist", "group": "fitdist", "mode": 0o444}
+# mtime an int: a float makes tarfile add a 1 KiB PAX header to every member
+TAR_OPTIONS = {"encoder": False, "mtime": 0, "user": "fitdist", "group": "fitdist", "mode": 0o444}
 
 
 # ---------------------------------------------------------------- encoding one image

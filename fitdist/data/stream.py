@@ -16,6 +16,7 @@ worker processes. Bad data never crashes a worker:
 from __future__ import annotations
 
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from fitdist.data.transforms import IMAGE_EXTS, decode
 
 class Report(NamedTuple):
     skipped: int  # samples skipped since the previous batch of this worker
-    messages: tuple[str, ...]  # one line per skip event ("shard: key: reason")
+    messages: tuple[tuple[str, str], ...]  # (where: "shard: key", why) per new bad sample
     fatal: str | None  # set once; the main process raises it as a UserError
 
 
@@ -45,11 +46,11 @@ class _Stats:
     def __init__(self):
         self.skipped, self.messages, self.sent = 0, [], set()
 
-    def skip(self, n: int, message: str) -> None:
+    def skip(self, n: int, where: str, why: str) -> None:
         self.skipped += n
-        if message not in self.sent:
-            self.sent.add(message)
-            self.messages.append(message)
+        if where not in self.sent:
+            self.sent.add(where)
+            self.messages.append((where, re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", why)))
 
     def take(self, fatal: str | None = None) -> Report:
         report = Report(self.skipped, tuple(self.messages), fatal)
@@ -87,10 +88,8 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
     try:
         stream = _open(url)
     except Exception as e:  # noqa: BLE001 - a missing or unreachable shard is skipped whole
-        stats.skip(
-            expected or 0,
-            f"{name}: cannot open ({type(e).__name__}: {e}); {expected or 'its'} samples skipped",
-        )
+        why = f"cannot open ({type(e).__name__}: {e}); {expected or 'its'} samples skipped"
+        stats.skip(expected or 0, name, why)
         return
     try:
         # ignore_zeros: step over a damaged member header instead of ending the shard there
@@ -123,7 +122,7 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
         raise
     except Exception as e:  # noqa: BLE001 - truncated or garbage tar data
         if sample is not None:
-            stats.skip(1, f"{name}: {key}: damaged tar data ({type(e).__name__}: {e})")
+            stats.skip(1, f"{name}: {key}", f"damaged tar data ({type(e).__name__}: {e})")
     finally:
         try:
             stream.close()
@@ -131,11 +130,8 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
             pass
     want = expected if limit is None else min(limit, expected or limit)
     if want is not None and seen < want:
-        stats.skip(
-            want - seen,
-            f"{name}: {want - seen} of {want} samples missing after key {key} "
-            f"(truncated or damaged shard)",
-        )
+        why = f"{want - seen} of {want} samples missing (truncated or damaged shard)"
+        stats.skip(want - seen, f"{name}: after {key}", why)
 
 
 def _shuffled(
@@ -218,7 +214,7 @@ class ShardStream(IterableDataset):
                 x, y = self._example(sample)
             except Exception as e:  # noqa: BLE001 - a bad sample is skipped, counted and reported
                 where = f"{shard_name(sample['__url__'])}: {sample['__key__']}"
-                stats.skip(1, f"{where}: {type(e).__name__}: {e}")
+                stats.skip(1, where, f"{type(e).__name__}: {e}")
                 continue
             images.append(x)
             labels.append(y)

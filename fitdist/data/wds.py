@@ -51,11 +51,11 @@ class SkipCounter:
 
     def absorb(self, report: Report) -> None:
         self.skipped += report.skipped
-        for message in report.messages:
-            if message in self.logged or len(self.logged) > MAX_LOGGED:
+        for where, why in report.messages:  # `where` is "shard: key": each logged once per rank
+            if where in self.logged or len(self.logged) > MAX_LOGGED:
                 continue
-            self.logged.add(message)
-            log.warning("skipped sample(s): %s", message)
+            self.logged.add(where)
+            log.warning("skipped sample(s): %s: %s", where, why)
             if len(self.logged) == MAX_LOGGED:
                 log.warning("further skipped samples are counted in data/skipped but not logged")
         if report.fatal:

@@ -1,0 +1,202 @@
+"""Bad input to the WebDataset reader: each case is injected into real shards and must give a
+skip that is counted (`data/skipped`) and logged once with shard and key, or a UserError naming
+the path (exit status 2 in the CLI); never a crash, never a hang, nothing silently lost."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from fitdist.config import DataConfig
+from fitdist.data import build_data
+from fitdist.data.shard_writer import write_shards
+from fitdist.data.sources import open_source
+from fitdist.data.synthetic import image_index, write_fashion_mnist
+from fitdist.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """40 train and 40 test samples in shards of 10 (keys test-000000 ... test-000039)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    src = write_fashion_mnist(tmp / "src", 40, 40)
+    write_shards(open_source(f"fashion-mnist:{src}"), tmp / "out", 10, progress=False)
+    return tmp / "out"
+
+
+@pytest.fixture
+def shards(clean, tmp_path):
+    shutil.copytree(clean, tmp_path / "s")
+    return tmp_path / "s"
+
+
+def bundle(root, **kw):
+    return build_data(DataConfig(source="webdataset", root=str(root), **kw), 8, 6, 0)
+
+
+def val_indices(b) -> list[int]:
+    out = []
+    for x, _ in b.val_batches():
+        raw = ((x * 0.3530 + 0.2860) * 255).round().to(torch.uint8)
+        out += [image_index(im[0].numpy()) for im in raw]
+    return out
+
+
+def member(path, name) -> tarfile.TarInfo:
+    with tarfile.open(path) as tar:
+        return tar.getmember(name)
+
+
+def overwrite(path, offset, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_corrupt_image_is_skipped_counted_and_logged_once(shards, caplog):
+    m = member(shards / "test-000001.tar", "test-000013.png")
+    overwrite(shards / "test-000001.tar", m.offset_data, b"\x00garbage" * (m.size // 8))
+    b = bundle(shards, num_workers=2)
+    with caplog.at_level(logging.WARNING, logger="fitdist.data"):
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != 13]
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != 13]
+    assert b.metrics() == {"data/skipped": 2}  # counted on every pass ...
+    lines = [r.getMessage() for r in caplog.records if "test-000013" in r.getMessage()]
+    assert len(lines) == 1 and "test-000001.tar" in lines[0]  # ... logged once, shard and key
+
+
+def test_sample_without_label_is_skipped(shards, caplog):
+    path = shards / "test-000002.tar"
+    with tarfile.open(path) as tar:
+        kept = [
+            (m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != "test-000025.cls"
+        ]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in kept:
+            tar.addfile(m, __import__("io").BytesIO(data))
+    b = bundle(shards)
+    with caplog.at_level(logging.WARNING, logger="fitdist.data"):
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != 25]
+    assert b.metrics()["data/skipped"] == 1
+    assert any(
+        "test-000025" in r.getMessage() and "no label" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_garbage_tar_member_header_is_stepped_over(shards, caplog):
+    path = shards / "test-000003.tar"
+    m = member(path, "test-000031.png")
+    header = m.offset_data - 512  # the member's own header block
+    overwrite(path, header, bytes((7 + 3 * i) % 256 for i in range(512)))  # fails its checksum
+    b = bundle(shards)
+    with caplog.at_level(logging.WARNING, logger="fitdist.data"):
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != 31]  # 32..39 still read
+    assert b.metrics()["data/skipped"] == 1
+    assert any("test-000031" in r.getMessage() for r in caplog.records)
+
+
+def test_truncated_shard_counts_every_missing_sample(shards, caplog):
+    path = shards / "test-000003.tar"
+    m = member(path, "test-000034.png")
+    with open(path, "r+b") as f:
+        f.truncate(m.offset_data + m.size // 2)  # cut inside the image of key 34
+    with caplog.at_level(logging.WARNING, logger="fitdist.data"):
+        b = bundle(shards)
+        got = sorted(val_indices(b))
+    assert got == list(range(34))
+    assert b.metrics()["data/skipped"] == 6  # 34 (cut) and 35..39 (gone): 40 = 34 read + 6 skipped
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "test-000003.tar" in text and "truncated" in text and "test-000034" in text
+
+
+def test_bad_training_samples_are_counted_through_worker_processes(shards):
+    m = member(shards / "train-000002.tar", "train-000021.png")
+    overwrite(shards / "train-000002.tar", m.offset_data, b"\xff" * m.size)
+    b = bundle(shards, num_workers=2, shuffle_buffer=1)
+    labels = [y for _, y in itertools.islice(b.train_batches(0), 25)]  # 200 samples: > 2 passes
+    assert sum(len(y) for y in labels) == 200
+    assert b.metrics()["data/skipped"] >= 2  # each worker passed the bad sample at least once
+
+
+def test_training_on_only_unreadable_shards_fails_instead_of_hanging(shards):
+    for p in shards.glob("train-*.tar"):
+        p.write_bytes(b"\x5a" * p.stat().st_size)  # no valid tar header anywhere
+    b = bundle(shards, num_workers=1)
+    with pytest.raises(UserError, match="no readable sample"):
+        next(b.train_batches(0))
+    assert b.metrics()["data/skipped"] == 40
+
+
+def test_pattern_matching_no_file_names_it(shards):
+    cfg = DataConfig(
+        source="webdataset",
+        train=f"{shards}/train-{{000100..000103}}.tar",
+        val=f"{shards}/test-000000.tar",
+    )
+    with pytest.raises(UserError, match=r"data.train: no file matches .*train-\{000100..000103\}"):
+        build_data(cfg, 8, 8, 0)
+    cfg.train = f"{shards}/train-{{000000..000004}}.tar"  # one past the end
+    with pytest.raises(UserError, match="train-000004.tar does not exist"):
+        build_data(cfg, 8, 8, 0)
+
+
+def test_empty_shard_list(shards, tmp_path):
+    with pytest.raises(UserError, match="data.val: empty shard list"):
+        build_data(
+            DataConfig(source="webdataset", train=f"{shards}/train-000000.tar", val=" "), 8, 8, 0
+        )
+    with pytest.raises(UserError, match="data.train: empty shard list"):
+        build_data(DataConfig(source="webdataset"), 8, 8, 0)
+    m = json.loads((shards / "manifest.json").read_text())
+    m["splits"]["test"] = {"total": 0, "shards": []}
+    (shards / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=f"{shards}/manifest.json: no test shards"):
+        bundle(shards)
+
+
+def test_missing_manifest_names_the_path(shards):
+    (shards / "manifest.json").unlink()
+    with pytest.raises(UserError, match=f"no manifest.json at {shards}/manifest.json"):
+        bundle(shards)
+
+
+def test_shard_the_manifest_does_not_list(shards):
+    shutil.copy(shards / "train-000000.tar", shards / "train-000004.tar")
+    cfg = DataConfig(
+        source="webdataset",
+        train=f"{shards}/train-{{000000..000004}}.tar",
+        val=f"{shards}/test-000000.tar",
+    )
+    with pytest.raises(
+        UserError, match=f"{shards}/manifest.json disagrees .* does not list .*train-000004.tar"
+    ):
+        build_data(cfg, 8, 8, 0)
+
+
+def test_manifest_with_fewer_samples_than_a_shard(shards):
+    m = json.loads((shards / "manifest.json").read_text())
+    m["splits"]["test"]["shards"][1]["count"] = 7
+    m["splits"]["test"]["total"] = 37
+    (shards / "manifest.json").write_text(json.dumps(m))
+    b = bundle(shards, num_workers=1)
+    assert b.num_val == 37
+    with pytest.raises(
+        UserError, match=r"disagrees with shard .*test-000001.tar: .* more than the 7"
+    ):
+        list(b.val_batches())
+
+
+def test_manifest_whose_counts_do_not_add_up(shards):
+    m = json.loads((shards / "manifest.json").read_text())
+    m["splits"]["train"]["total"] = 41
+    (shards / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(
+        UserError, match=f"{shards}/manifest.json: .*total 41 but its shards add up to 40"
+    ):
+        bundle(shards)
