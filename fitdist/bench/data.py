@@ -1,0 +1,237 @@
+"""`fitdist bench data`: the WebDataset reader versus `torchvision.datasets.ImageFolder`.
+
+Both read the same generated ImageNet-layout JPEGs (`fitdist.bench.make_imagefolder`), with the
+same decode (Pillow, `fitdist.data.transforms.decode`), the same transforms (RandomResizedCrop +
+flip + normalise), the same batch size and worker count. Reported:
+- throughput: images/s over `--batches` batches after the first, best of `--reps` interleaved runs;
+- time to first batch: from building the dataset (ImageFolder scans its folders, the WebDataset
+  reader reads a manifest) to holding the first batch;
+- main-process memory as the dataset grows: Python heap held by the dataset/bundle object
+  (tracemalloc). Larger datasets are made of hard links (folders) and of repeated shards under a
+  manifest listing them (WebDataset): no extra disk, the index structures grow as with real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+
+import torch
+
+from fitdist.bench.make_imagefolder import make_imagefolder
+from fitdist.config import DataConfig
+from fitdist.data.manifest import write_json_atomic
+from fitdist.data.shard_writer import write_shards
+from fitdist.data.sources import open_source
+from fitdist.data.transforms import MEAN_STD, build_transform, decode
+from fitdist.data.wds import build_webdataset
+
+
+def _jpeg_loader(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return decode(f.read(), 3)
+
+
+def imagefolder_loader(root: Path, batch: int, workers: int, size: int, seed: int = 0):
+    """(dataset, endless batch iterator) of torchvision's ImageFolder with our decode/transforms."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    mean, std = MEAN_STD["imagefolder"]
+    ds = ImageFolder(
+        str(root),
+        transform=build_transform("imagenet", True, size, None, mean, std),
+        loader=_jpeg_loader,
+    )
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            loader = DataLoader(
+                ds,
+                batch_size=batch,
+                shuffle=True,
+                num_workers=workers,
+                drop_last=True,
+                generator=g,
+                prefetch_factor=4 if workers else None,
+                pin_memory=torch.cuda.is_available(),
+            )
+            yield from loader
+
+    return ds, batches()
+
+
+def wds_loader(shards: Path, batch: int, workers: int, size: int, seed: int = 0):
+    cfg = DataConfig(source="webdataset", root=str(shards), num_workers=workers, image_size=size)
+    bundle = build_webdataset(cfg, batch, batch, seed)
+    return bundle, bundle.train_batches(0)
+
+
+def _run(make, batches: int) -> dict:
+    """Time to first batch (including building the dataset) and img/s over the next batches."""
+    t0 = time.perf_counter()
+    _, it = make()
+    x, _ = next(it)
+    ttfb = time.perf_counter() - t0
+    t1, n = time.perf_counter(), 0
+    for _ in range(batches):
+        x, _ = next(it)
+        n += len(x)
+    rate = n / (time.perf_counter() - t1)
+    it.close()  # shuts the DataLoader workers down before the next run
+    return {"ttfb_s": ttfb, "img_per_s": rate}
+
+
+def _index_bytes(make) -> int:
+    """Python heap still held by the dataset object right after building it (no workers)."""
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    ds, it = make()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    size = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    del ds, it
+    return size
+
+
+def _scaled(base_images: Path, base_shards: Path, out: Path, factor: int) -> tuple[Path, Path]:
+    """A folder and a shard directory `factor` times the base, made of hard links."""
+    folder, shards = out / f"x{factor}-images", out / f"x{factor}-shards"
+    if not folder.exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for cls in sorted((base_images / "train").iterdir()):
+            (tmp / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir()):
+                for k in range(factor):
+                    os.link(f, tmp / cls.name / f"{f.stem}_{k}{f.suffix}")
+        tmp.rename(folder)
+    if not shards.exists():
+        tmp = shards.with_name(shards.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        m = json.loads((base_shards / "manifest.json").read_text())
+        base = m["splits"]["train"]["shards"]
+        entries = []
+        for k in range(factor * len(base)):
+            e = dict(base[k % len(base)], name=f"train-{k:06d}.tar")
+            os.link(base_shards / base[k % len(base)]["name"], tmp / e["name"])
+            entries.append(e)
+        for e in m["splits"]["test"]["shards"]:
+            os.link(base_shards / e["name"], tmp / e["name"])
+        m["splits"]["train"] = {"total": sum(e["count"] for e in entries), "shards": entries}
+        write_json_atomic(tmp / "manifest.json", m)
+        tmp.rename(shards)
+    return folder, shards
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fitdist bench data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default="runs/bench-data", help="where images and shards are generated")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=300, help="training JPEGs per class")
+    p.add_argument("--workers", type=int, default=2, help="loader workers (both loaders)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224, help="RandomResizedCrop size")
+    p.add_argument("--batches", type=int, default=15, help="timed batches after the first")
+    p.add_argument("--reps", type=int, default=2, help="interleaved runs per loader (best kept)")
+    p.add_argument("--scales", default="1,10,100", help="dataset size multiples for memory/TTFB")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+
+    out = Path(a.dir)
+    images = make_imagefolder(out / "images", a.classes, a.per_class, 2, seed=0)
+    shards = out / "shards"
+    write_shards(open_source(f"imagefolder:{images}"), shards, shard_size=250, progress=False)
+    n = a.classes * a.per_class
+
+    def folder_at(root):
+        return lambda: imagefolder_loader(root, a.batch, a.workers, a.size)
+
+    def shards_at(root):
+        return lambda: wds_loader(root, a.batch, a.workers, a.size)
+
+    runs = {"ImageFolder": [], "WebDataset": []}
+    for _ in range(a.reps):  # interleaved, so drifting machine load hits both alike
+        runs["ImageFolder"].append(_run(folder_at(images / "train"), a.batches))
+        runs["WebDataset"].append(_run(shards_at(shards), a.batches))
+    best = {
+        k: {"img_per_s": max(r["img_per_s"] for r in v), "ttfb_s": min(r["ttfb_s"] for r in v)}
+        for k, v in runs.items()
+    }
+
+    scaling = []
+    for factor in (int(s) for s in a.scales.split(",")):
+        folder, sh = (
+            (images / "train", shards) if factor == 1 else _scaled(images, shards, out, factor)
+        )
+        row = {"images": n * factor}
+        row["if_ttfb_s"] = _run(folder_at(folder), 0)["ttfb_s"]
+        row["wds_ttfb_s"] = _run(shards_at(sh), 0)["ttfb_s"]
+        row["if_index_mib"] = (
+            _index_bytes(lambda f=folder: imagefolder_loader(f, a.batch, 0, a.size)) / 2**20
+        )
+        row["wds_index_mib"] = _index_bytes(lambda s=sh: wds_loader(s, a.batch, 0, a.size)) / 2**20
+        scaling.append(row)
+
+    ratio = best["WebDataset"]["img_per_s"] / best["ImageFolder"]["img_per_s"]
+    lines = [
+        f"Machine: {machine()}",
+        (
+            f"{n} JPEGs ({a.classes} classes), batch {a.batch}, {a.workers} workers, "
+            f"RandomResizedCrop {a.size} + flip, best of {a.reps}"
+        ),
+        "",
+        "| loader | img/s | time to first batch |",
+        "|---|---:|---:|",
+        *[f"| {k} | {v['img_per_s']:.0f} | {v['ttfb_s']:.2f} s |" for k, v in best.items()],
+        (
+            f"| WebDataset / ImageFolder | {ratio:.2f}× | "
+            f"{best['WebDataset']['ttfb_s'] / best['ImageFolder']['ttfb_s']:.2f}× |"
+        ),
+        "",
+        (
+            "| images | ImageFolder first batch | WebDataset first batch | ratio "
+            "| ImageFolder index (main process) | WebDataset index (main process) |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {r['images']:,} | {r['if_ttfb_s']:.2f} s | {r['wds_ttfb_s']:.2f} s | "
+            f"{r['wds_ttfb_s'] / r['if_ttfb_s']:.2f}× | {r['if_index_mib']:.2f} MiB | "
+            f"{r['wds_index_mib']:.2f} MiB |"
+            for r in scaling
+        ],
+    ]
+    print("\n".join(lines))
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps(
+                {"machine": machine(), "runs": runs, "best": best, "scaling": scaling}, indent=1
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
