@@ -98,7 +98,8 @@ def fused_hint_loss(
     """`hint_loss(regressor(student_feat), teacher_hint, reduction)` as an fp32 scalar.
 
     Gradients reach `student_feat` and the regressor's weight and bias, never the teacher hint.
-    `chunk_rows` (positions, i.e. b·h·w rows, per chunk) is for tests and tuning.
+    `chunk_rows` (positions, i.e. b·h·w rows, per chunk of the PyTorch path; Triton tiles its own)
+    is for tests and tuning.
     """
     spec = hint_spec(regressor)
     which = select_impl(impl, student_feat.device)
