@@ -141,6 +141,11 @@ def test_pattern_matching_no_file_names_it(shards):
     )
     with pytest.raises(UserError, match=r"data.train: no file matches .*train-\{000100..000103\}"):
         build_data(cfg, 8, 8, 0)
+    cfg.train = f"{shards}/train-{{000000..000003}}.tar"
+    cfg.val = f"{shards}/test-000000.tar::{shards}/test-000000.tar"
+    with pytest.raises(UserError, match="test-000000.tar is listed twice"):
+        build_data(cfg, 8, 8, 0)
+    cfg.val = f"{shards}/test-000000.tar"
     cfg.train = f"{shards}/train-{{000000..000004}}.tar"  # one past the end
     with pytest.raises(UserError, match="train-000004.tar does not exist"):
         build_data(cfg, 8, 8, 0)

@@ -60,7 +60,7 @@ def imagefolder_loader(root: Path, batch: int, workers: int, size: int, seed: in
                 num_workers=workers,
                 drop_last=True,
                 generator=g,
-                prefetch_factor=4 if workers else None,
+                prefetch_factor=2 if workers else None,
                 pin_memory=torch.cuda.is_available(),
             )
             yield from loader

@@ -74,6 +74,9 @@ def expand_shards(pattern: str | None, key: str) -> list[str]:
     urls = [u for u in expand_urls(pattern.strip()) if u]
     if not urls:
         raise UserError(f"{key}: the pattern {pattern!r} expands to an empty shard list")
+    twice = next((u for i, u in enumerate(urls) if u in urls[:i]), None)
+    if twice is not None:  # a repeated validation shard would be evaluated twice
+        raise UserError(f"{key}: shard {twice} is listed twice in {pattern}")
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not local_path(u).is_file()]
     if missing and len(missing) == len(urls):
@@ -148,7 +151,7 @@ def _loader(spec: StreamSpec, workers: int, seed: int) -> DataLoader:
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,
         generator=torch.Generator().manual_seed(seed),  # transform randomness in workers
     )
 
