@@ -1,0 +1,30 @@
+"""Run under torchrun by test_ddp.py: train, then record whether every rank holds the same weights."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fitdist import dist as fdist
+from fitdist.config import load_config
+from fitdist.trainer import _Run
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    cfg = load_config(config, list(overrides))
+    env = fdist.setup(cfg.train.device, cfg.strategy.backend)
+    run = _Run(cfg, env, resume=False)
+    summary = run.run()
+    state = {k: v.clone() for k, v in run.student.state_dict().items()}  # regressors included
+    gathered = [None] * env.world
+    dist.all_gather_object(gathered, state)
+    if env.is_main:
+        mismatched = [k for k in state if not all(torch.equal(g[k], state[k]) for g in gathered)]
+        json.dump({"world": env.world, "mismatched": mismatched, "keys": len(state), "summary": summary},
+                  open(out, "w"))
+    fdist.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

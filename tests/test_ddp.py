@@ -1,0 +1,48 @@
+"""Two real processes under torchrun (gloo, loopback): DDP keeps ranks identical and equals one process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TEACHER, write_config
+from fitdist.config import load_config
+from fitdist.trainer import train
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+NO_BN_STUDENT = {"name": "fitdist:fitnet", "kwargs": {"widths": [4, 4, 8, 8], "pool_after": [2], "batch_norm": False}}
+
+
+@pytest.fixture(scope="module")
+def distill_config(trained_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    return write_config(
+        root / "ddp.yaml", student=NO_BN_STUDENT, teacher={**TEACHER, "weights": str(trained_teacher)},
+        hints=[{"student": "conv3", "teacher": "conv2"}],
+        stages=[{"name": "hint", "steps": 4, "ce": 0, "hint": 1}, {"name": "kd", "steps": 4, "ce": 1, "kd": [4, 1]}],
+        train={"batch_size": 16, "grad_accum": 2, "log_every": 2, "threads": 1},
+    )
+
+
+def torchrun(config: Path, out: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(WORKER), str(config), str(out), *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_process_ddp_keeps_ranks_identical_and_matches_one_process(distill_config, tmp_path):
+    two = torchrun(distill_config, tmp_path / "two.json", "strategy.kind=ddp", f"run.dir={tmp_path / 'two'}")
+    assert two["world"] == 2 and two["keys"] > 0
+    assert two["mismatched"] == []  # every parameter, regressors included, equal on both ranks
+    one = train(load_config(distill_config, [f"run.dir={tmp_path / 'one'}"]))
+    a = torch.load(tmp_path / "two" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "student.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert two["summary"]["val/n"] == one["val/n"] == 10000
+    assert abs(two["summary"]["val/top1"] - one["val/top1"]) < 0.5
