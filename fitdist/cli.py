@@ -1,4 +1,4 @@
-"""The `fitdist` command: train, eval, quickstart, shard, bench (thin: parse, call, exit codes).
+"""The `fitdist` command: train, eval, quickstart, shard, bench, report (thin: parse, call, exit codes).
 
 Bad input of any kind (`UserError`) is reported as one line on stderr with exit status 2.
 """
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.01 stages.1.steps=500")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build the models, probe hint shapes and run one step on random data; no data needed")
     e = sub.add_parser("eval", help="top-1/top-5 of a run or a student.pt on the test split, as one JSON line")
     e.add_argument("path", help="run directory, checkpoint directory or student.pt inside a run")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (e.g. data.root=DIR)")
     sub.add_parser("shard", help="write WebDataset shards (see `fitdist shard --help`)", add_help=False)
     sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}", add_help=False)
+    sub.add_parser("report", help="plots and a results table from runs' metrics.jsonl", add_help=False)
     return p
 
 
@@ -55,6 +58,8 @@ def _dispatch(argv: list[str]) -> int:
     # shard and bench take their own arguments
     if argv[:1] == ["shard"]:
         return importlib.import_module("fitdist.data.shard_cli").main(argv[1:])
+    if argv[:1] == ["report"]:
+        return importlib.import_module("fitdist.report").main(argv[1:])
     if argv[:1] == ["bench"]:
         if len(argv) < 2 or argv[1] not in BENCHES:
             raise UserError(f"bench: name one of {', '.join(BENCHES)}")
@@ -64,7 +69,13 @@ def _dispatch(argv: list[str]) -> int:
         from fitdist.config import load_config
         from fitdist.trainer import train
 
-        train(load_config(args.config, args.overrides), resume=args.resume)
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from fitdist.dryrun import dry_run
+
+            print(json.dumps(dry_run(cfg)))
+        else:
+            train(cfg, resume=args.resume)
         return 0
     if args.command == "eval":
         from fitdist.evaluate_run import evaluate_run
