@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from fitdist.data.manifest import is_local, local_path, shard_name
@@ -202,13 +202,14 @@ class ShardStream(IterableDataset):
         return self.spec.transform(decode(image, self.spec.channels)), label
 
     def _batches(self, worker: int, workers: int, stats: _Stats):
+        """Batches assembled in the worker; default_collate stacks them straight into shared
+        memory there, which saves a copy of every batch on its way to the main process."""
         s = self.spec
         rng = random.Random("fitdist:{}:{}:{}:{}".format(*s.seed, worker))  # str seeds are stable
         samples = self._samples(worker, workers, stats, rng)
         if s.train and s.shuffle_buffer > 1:
             samples = _shuffled(samples, s.shuffle_buffer, max(100, s.batch), rng)
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
+        examples: list[tuple[torch.Tensor, int]] = []
         for sample in samples:
             try:
                 x, y = self._example(sample)
@@ -216,12 +217,11 @@ class ShardStream(IterableDataset):
                 where = f"{shard_name(sample['__url__'])}: {sample['__key__']}"
                 stats.skip(1, where, f"{type(e).__name__}: {e}")
                 continue
-            images.append(x)
-            labels.append(y)
-            if len(images) == s.batch:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), stats.take()
-                images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), stats.take()
+            examples.append((x, y))
+            if len(examples) == s.batch:
+                yield *default_collate(examples), stats.take()
+                examples = []
+        if examples:
+            yield *default_collate(examples), stats.take()
         if stats.skipped or stats.messages:  # skips after the last batch still reach the counter
             yield torch.empty(0), torch.empty(0, dtype=torch.int64), stats.take()

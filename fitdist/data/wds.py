@@ -74,8 +74,8 @@ def expand_shards(pattern: str | None, key: str) -> list[str]:
     urls = [u for u in expand_urls(pattern.strip()) if u]
     if not urls:
         raise UserError(f"{key}: the pattern {pattern!r} expands to an empty shard list")
-    twice = next((u for i, u in enumerate(urls) if u in urls[:i]), None)
-    if twice is not None:  # a repeated validation shard would be evaluated twice
+    if len(set(urls)) != len(urls):  # a repeated validation shard would be evaluated twice
+        twice = next(u for i, u in enumerate(urls) if u in urls[:i])
         raise UserError(f"{key}: shard {twice} is listed twice in {pattern}")
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not local_path(u).is_file()]
@@ -194,9 +194,12 @@ def build_webdataset(
     if augment == "imagenet":
         out_hw = (size or 224, size or 224)
 
+    # only URLs and counts outlive this function: main-process memory stays tiny at any scale
     table, val_table = shard_table(manifest), shard_table(val_manifest)
     train_counts = [table[shard_name(u)]["count"] for u in train_urls]
     val_counts = [val_table[shard_name(u)]["count"] for u in val_urls]
+    class_names, num_val = list(manifest["classes"]), sum(val_counts)
+    del table, val_table, manifest, val_manifest
     limits: dict[str, int] = {}
     if cfg.train_subset:
         train_urls, limits = _subset(train_urls, train_counts, cfg.train_subset)
@@ -212,7 +215,7 @@ def build_webdataset(
             transform=build_transform(augment, True, size, native, mean, std),
             shuffle_buffer=cfg.shuffle_buffer,
             limits=limits,
-            expected={u: table[shard_name(u)]["count"] for u in train_urls},
+            expected=dict(zip(train_urls, train_counts)),
             **common,
         )
         # seed + rank + start: each rank's workers draw different augmentations, reproducibly
@@ -220,6 +223,7 @@ def build_webdataset(
         return _drain(loader, counter)
 
     mine = _deal(val_urls, val_counts, world)[rank]
+    mine_counts = {u: c for u, c in zip(val_urls, val_counts) if u in mine}
 
     def val_batches() -> Iterator[Batch]:
         if not mine:  # more ranks than validation shards: this rank has nothing to evaluate
@@ -229,7 +233,7 @@ def build_webdataset(
             batch=eval_batch,
             train=False,
             transform=build_transform(augment, False, size, native, mean, std),
-            expected={u: val_table[shard_name(u)]["count"] for u in mine},
+            expected=mine_counts,
             **common,
         )
         return _drain(_loader(spec, min(cfg.num_workers, len(mine)), seed), counter)
@@ -240,7 +244,7 @@ def build_webdataset(
         num_classes=cfg.num_classes or num_classes,
         in_channels=channels,
         image_size=out_hw,
-        num_val=sum(val_counts),
-        class_names=list(manifest["classes"]),
+        num_val=num_val,
+        class_names=class_names,
         metrics=counter.metrics,
     )
