@@ -11,6 +11,8 @@ import json
 import sys
 
 from fitdist.errors import UserError
+from fitdist.preemption import PREEMPTED_EXIT, Preempted
+from fitdist.trainer import Diverged
 
 BENCHES = ("losses", "data", "step", "ddp")
 
@@ -49,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fitdist: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"fitdist: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except Diverged as e:
+        print(f"fitdist: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("fitdist: interrupted", file=sys.stderr)
         return 130

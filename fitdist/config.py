@@ -109,6 +109,7 @@ class TrainConfig:
     channels_last: bool = False  # student in channels_last memory format
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RunConfig:
     dir: str | None = None  # run directory (None: runs/<name>)
     resume: Literal["none", "auto"] = "none"  # auto: continue from the latest checkpoint
     keep_checkpoints: int = 2  # how many checkpoints to keep
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save, then exit 75
 
 
 @dataclass

@@ -22,6 +22,7 @@ from fitdist.config import Config, StageConfig, dump_config, nonzero_weight, to_
 from fitdist.data import build_data
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
 from fitdist.errors import UserError
+from fitdist.preemption import Preempted, PreemptionGuard
 from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
 from fitdist.models import count_params
@@ -49,6 +50,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         return _Run(cfg, env, resume).run()
     finally:
         dist.teardown()
+
+
+class Diverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left as it was."""
 
 
 class _Run:
@@ -86,6 +91,8 @@ class _Run:
         self.logger = build_logger(env.is_main, self.run_dir, cfg.name, to_dict(cfg), cfg.wandb,
                                    self.resumed_state.get("wandb_id") if self.resumed_state else None)
         self.started = time.perf_counter()
+        self.guard = PreemptionGuard(cfg.run.preempt_signals)
+        self.skipped_in_a_row = 0
 
     # ------------------------------------------------------------------ resume
     def _resume_state(self, wanted: bool, strict: bool) -> dict | None:
@@ -108,13 +115,15 @@ class _Run:
         log.print(f"student {cfg.student.name}: {count_params(self.student.backbone):,} params"
                   + (f"; teacher {cfg.teacher.name}: {count_params(self.teacher.model):,} params" if self.teacher else "")
                   + f"; world size {self.env.world}; device {self.env.device}")
-        for index in range(self.pos.stage, len(cfg.stages)):
-            if index > self.pos.stage:
-                self.pos.stage, self.pos.step = index, 0
-            self._run_stage(cfg.stages[index])
-        result = self._finish()
-        log.finish()
-        return result
+        try:
+            with self.guard:
+                for index in range(self.pos.stage, len(cfg.stages)):
+                    if index > self.pos.stage:
+                        self.pos.stage, self.pos.step = index, 0
+                    self._run_stage(cfg.stages[index])
+            return self._finish()
+        finally:
+            log.finish()
 
     def _run_stage(self, stage: StageConfig) -> None:
         cfg, env, pos = self.cfg, self.env, self.pos
@@ -147,12 +156,25 @@ class _Run:
                 window.add(terms, len(labels) * env.world)
             grad_norm, stepped = self.strategy.step(optimizer, optim.max_grad_norm)
             window.step(grad_norm, stepped)
+            self._check_finite(stepped)
             scheduler.step()
             pos.step, pos.global_step, pos.microbatch = pos.step + 1, pos.global_step + 1, pos.microbatch + accum
             self._every_step(stage, window, weights, scheduler.get_last_lr()[0], optimizer, scheduler)
+            if self.guard.requested(env.device):  # preemption: the step is done, save it and leave
+                if self.saved != pos.global_step:
+                    self._checkpoint(optimizer, scheduler)
+                raise Preempted(pos.global_step)
         if self.saved != pos.global_step:  # end of stage: evaluate and checkpoint once
             self._log_row(stage, window, weights, scheduler.get_last_lr()[0], evaluate_now=True)
             self._checkpoint(optimizer, scheduler)
+
+    def _check_finite(self, stepped: bool) -> None:
+        """A non-finite loss or gradient skips the step; too many in a row stop the run."""
+        self.skipped_in_a_row = 0 if stepped else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
+            raise Diverged(f"{self.skipped_in_a_row} consecutive steps with a non-finite loss or gradient "
+                           f"at step {self.pos.global_step}; the last good checkpoint is intact in "
+                           f"{self.run_dir / 'checkpoints'}")
 
     def _every_step(self, stage, window, weights, lr, optimizer, scheduler) -> None:
         cfg, pos = self.cfg.train, self.pos
@@ -180,6 +202,9 @@ class _Run:
 
     def _checkpoint(self, optimizer, scheduler) -> None:
         pos = self.pos
+        if not all(torch.isfinite(p).all() for p in self.student.parameters()):
+            self.logger.print(f"warning: non-finite weights at step {pos.global_step}; checkpoint not written")
+            return
         if self.env.is_main:
             state = {
                 "position": {**asdict(pos), "wall_time": pos.wall_time + time.perf_counter() - self.started},

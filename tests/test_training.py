@@ -99,3 +99,43 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
     assert (cfg.run_dir / "student.pt").read_bytes() == full
     resumed = torch.load(cfg.run_dir / "checkpoints" / "step-00000018" / "trainer.pt", weights_only=True)
     assert resumed["wandb_id"] == wandb_id  # the same W&B run continues
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(tmp_path):
+    path = write_config(tmp_path / "nan.yaml", stages=[{"name": "a", "steps": 6}, {"name": "b", "steps": 30}])
+    # stage b's learning rate blows the weights up; the checkpoint of stage a must survive intact
+    cfg = load_config(path, ["stages.1.optim={lr: 1.0e+30, schedule: constant}", "train.max_skipped_steps=3",
+                             "train.checkpoint_every=0"])
+    from fitdist.trainer import Diverged
+
+    with pytest.raises(Diverged, match=r"^3 consecutive steps with a non-finite .* at step (8|9|10);"):
+        train(cfg)
+    ckpts = sorted((cfg.run_dir / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-00000006"]
+    state = torch.load(ckpts[0] / "student.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (cfg.run_dir / "student.pt").exists()  # nothing non-finite is exported either
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_75(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_config(tmp_path / "sig.yaml", stages=[{"name": "a", "steps": 100000}],
+                        train={"batch_size": 32, "log_every": 1, "threads": 1, "checkpoint_every": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "fitdist.cli", "train", str(path)],
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert time.time() - sent < 60
+    assert "preempted: checkpoint saved at step" in err
+    ckpts = list((tmp_path / "sig" / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer.pt").is_file()
