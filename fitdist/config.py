@@ -17,7 +17,7 @@ import yaml
 
 from fitdist.errors import UserError, did_you_mean
 
-Weight = Union[float, list[float]]  # a constant, or [start, end] annealed linearly over the stage
+Weight = float | list[float]  # a constant, or [start, end] annealed linearly over the stage
 
 
 @dataclass

@@ -33,7 +33,7 @@ class NullLogger:
 
 class Logger(NullLogger):
     def __init__(self, run_dir: Path, name: str, config: dict, wandb_cfg: WandbConfig, run_id: str | None):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a kill loses no row
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in finish(); line-buffered so a kill loses no row
         self.tty = sys.stderr.isatty()
         self._bar = None
         self._wandb = _start_wandb(run_dir, name, config, wandb_cfg, run_id)

@@ -35,7 +35,7 @@ class PreemptionGuard:
         self._flag = False
         self._previous: dict = {}
 
-    def __enter__(self) -> PreemptionGuard:
+    def __enter__(self) -> PreemptionGuard:  # noqa: PYI034
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

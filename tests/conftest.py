@@ -34,7 +34,7 @@ def write_config(path: Path, **sections) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fitdist.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, check=False)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ def main(config: str, out: str, *overrides: str) -> None:
     dist.all_gather_object(gathered, state)
     if env.is_main:
         mismatched = [k for k in state if not all(torch.equal(g[k], state[k]) for g in gathered)]
-        json.dump({"world": env.world, "mismatched": mismatched, "keys": len(state), "summary": summary},
-                  open(out, "w"))
+        with open(out, "w") as f:
+            json.dump({"world": env.world, "mismatched": mismatched, "keys": len(state), "summary": summary}, f)
     fdist.teardown()
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import STUDENT, TEACHER, run_cli, write_config
+
 from fitdist.config import ModelConfig, load_config
 from fitdist.models import build_model
 from fitdist.schedule import weight_at
