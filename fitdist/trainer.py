@@ -22,10 +22,10 @@ from fitdist.config import Config, StageConfig, dump_config, nonzero_weight, to_
 from fitdist.data import build_data
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
 from fitdist.errors import UserError
-from fitdist.preemption import Preempted, PreemptionGuard
 from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
 from fitdist.models import count_params
+from fitdist.preemption import Preempted, PreemptionGuard
 from fitdist.schedule import weight_at
 from fitdist.strategy import build_strategy
 
@@ -190,7 +190,11 @@ class _Run:
         row = {"stage": stage.name, **window.flush(self.env.device), "lambda": weights["kd"], "lr": lr}
         if evaluate_now:
             row.update(self._evaluate())
-        row.update(self.data.metrics())
+        counters = self.data.metrics()  # the same keys on every rank; summed over ranks
+        if counters:
+            keys = sorted(counters)
+            totals = dist.all_reduce_sum(torch.tensor([float(counters[k]) for k in keys], device=self.env.device))
+            row.update(zip(keys, totals.tolist()))
         self.logger.log(row, self.pos.global_step)
 
     def _evaluate(self) -> dict:
