@@ -96,16 +96,26 @@ def wandb_mode(cfg: WandbConfig) -> str:
 
 
 def _start_wandb(run_dir: Path, name: str, config: dict, cfg: WandbConfig, run_id: str | None):
+    """A W&B run, or None. W&B trouble never stops training: metrics.jsonl has every row anyway."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
     import wandb
 
-    return wandb.init(
-        project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags or None, name=name,
-        config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
-        settings=wandb.Settings(silent=True, console="off"),
-    )
+    # A run killed a moment ago may leave its W&B service holding the run id for a few seconds.
+    for attempt in range(6):
+        try:
+            return wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags or None, name=name,
+                config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as e:  # noqa: BLE001 - wandb raises many types; all mean "no W&B run"
+            error = e
+            time.sleep(2 ** attempt / 4)
+    print(f"warning: W&B run could not start ({type(error).__name__}: {error}); logging to metrics.jsonl only",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def build_logger(is_main: bool, run_dir: Path, name: str, config: dict, wandb_cfg: WandbConfig, run_id: str | None):
