@@ -46,6 +46,9 @@ class HintConfig:
 class LossConfig:
     temperature: float = 3.0  # KD temperature τ (FitNets default 3)
     hint_reduction: Literal["mean", "paper"] = "mean"  # mean: MSE; paper: ½·Σ(diff²)/batch
+    # KD term as λ·T²·KL (Hinton et al.); false: λ·KL, the scale of FitNets' λ·H(P_t^τ, P_s^τ),
+    # with which the paper's λ 4→1 was chosen (the two differ by T², i.e. 9× at τ = 3)
+    kd_t2: bool = True
     impl: Literal["auto", "fused", "triton", "reference"] = "auto"  # see fitdist/kernels (auto: fused)
 
 

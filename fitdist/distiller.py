@@ -77,9 +77,12 @@ def hint_term(feats: torch.Tensor, regressor: nn.Module, hint: torch.Tensor, red
 class Distiller:
     """Loss terms of one micro-batch: `{"loss", "ce", "kd", "hint"}` (terms with weight 0 omitted)."""
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, temperature: float, loss_impl: str = "auto"):
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, temperature: float, loss_impl: str = "auto",
+                 kd_t2: bool = True):
         self.student, self.teacher = student, teacher
         self.temperature, self.loss_impl = temperature, loss_impl
+        # the logged `kd` term is always kd_loss (with T²); without kd_t2 its weight is divided by T²
+        self.kd_scale = 1.0 if kd_t2 else 1.0 / temperature**2
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         use = {t: weights.get(t, 0.0) != 0 for t in TERMS}
@@ -91,7 +94,8 @@ class Distiller:
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=images.device)
         if need_logits:
-            loss, terms = self._logit_loss(s_logits, t_logits, labels, weights, use)
+            scaled = {**weights, "kd": weights.get("kd", 0.0) * self.kd_scale}
+            loss, terms = self._logit_loss(s_logits, t_logits, labels, scaled, use)
         if use["hint"]:
             terms["hint"] = torch.stack(hint_losses).sum()
             loss = loss + weights["hint"] * terms["hint"]

@@ -137,7 +137,7 @@ class _Run:
             scheduler.load_state_dict(st["scheduler"])
             self.strategy.scaler.load_state_dict(st["scaler"])
             set_rng_state(st["rng"])
-        distiller = Distiller(model, self.teacher, cfg.loss.temperature, cfg.loss.impl)
+        distiller = Distiller(model, self.teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)
         batches = self.data.train_batches(pos.microbatch)
         accum, window = cfg.train.grad_accum, _Window()
         self.student.train()

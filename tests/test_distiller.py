@@ -63,3 +63,13 @@ def test_hint_only_step_truncates_both_networks():
     assert set(terms) == {"hint", "loss"}
     # teacher conv1, student conv1, conv2; the tapped layers' own hooks stop the forward first
     assert ran == ["conv1", "conv1", "conv2"]
+
+
+def test_kd_without_t2_scaling_weights_the_kl_as_fitnets_does():
+    teacher, student = make_pair()
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    w = {"ce": 1.0, "kd": 4.0, "hint": 0.0}
+    hinton = Distiller(student, teacher, 3.0, "reference")(x, y, w)
+    fitnets = Distiller(student, teacher, 3.0, "reference", kd_t2=False)(x, y, w)
+    torch.testing.assert_close(fitnets["kd"], hinton["kd"])  # the logged term is kd_loss either way
+    torch.testing.assert_close(fitnets["loss"], hinton["ce"] + 4.0 * hinton["kd"] / 9.0)
