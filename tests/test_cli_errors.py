@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import STUDENT, TEACHER, run_cli, write_config
+
 from fitdist.config import ModelConfig
 from fitdist.models import build_model
 
