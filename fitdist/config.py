@@ -108,7 +108,6 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl rows
     eval_every: int = 0  # steps between evaluations (0: end of each stage only)
     checkpoint_every: int = 500  # steps between checkpoints (0: end of each stage only)
-    compile: bool = False  # torch.compile the student and the teacher
     channels_last: bool = False  # student in channels_last memory format
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
