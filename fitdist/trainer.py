@@ -179,7 +179,8 @@ class _Run:
     def _every_step(self, stage, window, weights, lr, optimizer, scheduler) -> None:
         cfg, pos = self.cfg.train, self.pos
         last = pos.step == stage.steps
-        self.logger.progress(stage.name, pos.step, stage.steps, window.running())
+        if pos.step % 10 == 0 or last:  # the bar's numbers cost a device sync: not every step
+            self.logger.progress(stage.name, pos.step, stage.steps, window.running())
         due_eval = cfg.eval_every and pos.global_step % cfg.eval_every == 0 and not last
         if (pos.global_step % cfg.log_every == 0 or due_eval) and not last:
             self._log_row(stage, window, weights, lr, evaluate_now=bool(due_eval))
@@ -242,26 +243,26 @@ class _Window:
     """Loss terms and throughput averaged over the steps since the last log row."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
         self.micro, self.images, self.skipped, self.norm, self.started = 0, 0, 0, 0.0, time.perf_counter()
-        self.steps = 0
 
     def add(self, terms: dict, images: int) -> None:
         for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
         self.micro, self.images = self.micro + 1, self.images + images
 
     def step(self, grad_norm: float, stepped: bool) -> None:
-        self.norm, self.steps = grad_norm, self.steps + 1
+        self.norm = grad_norm
         self.skipped += not stepped
 
     def running(self) -> dict:
-        return {f"train/{k}": v / max(self.micro, 1) for k, v in self.sums.items()}
+        return {f"train/{k}": v.item() / max(self.micro, 1) for k, v in self.sums.items()}
 
     def flush(self, device: torch.device) -> dict:
         keys = sorted(self.sums)
         # Every rank saw different samples: average the terms over ranks too.
-        totals = dist.all_reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.micro], dtype=torch.float64, device=device))
+        counts = torch.tensor([self.micro], dtype=torch.float64, device=device)
+        totals = dist.all_reduce_sum(torch.cat([torch.stack([self.sums[k] for k in keys]).double(), counts]))
         elapsed = time.perf_counter() - self.started
         row = {f"train/{k}": totals[i].item() / max(totals[-1].item(), 1) for i, k in enumerate(keys)}
         row.update({"grad_norm": self.norm, "perf/img_per_s": self.images / max(elapsed, 1e-9),
