@@ -54,7 +54,7 @@ def test_small_run_structure_and_hand_counted_flops(capsys):
     mem = res["memory_mib"]
     assert mem["teacher_weights"] > 0 and mem["teacher_working_set"] > 0
     assert mem["hint_kd_peak"] > mem["student_peak"] > 0
-    assert res["rss_mib"]["student_maxrss"] > 0 and res["rss_mib"]["hint_kd_maxrss"] > 0
+    assert res["rss_mib"]["student_peak_rss"] > 0 and res["rss_mib"]["hint_kd_peak_rss"] > 0
 
 
 def test_flop_counter_matches_torchvision_resnet18():

@@ -26,8 +26,9 @@ Memory, two measurements:
   (parameters, buffers, optimizer state; the teacher's for distillation) + the peak of PyTorch's
   CPU allocator during the step (profiler allocation events, as in `fitdist bench losses`). It
   does not see BLAS/oneDNN scratch space that bypasses PyTorch's allocator.
-- process: `ru_maxrss` of a fresh subprocess per variant (build, warm-up, a few steps): all of the
-  process's memory, allocator caching and fragmentation included.
+- process: peak RSS (`VmHWM`) of a fresh subprocess per variant (build, three steps): all of
+  the process's memory, allocator caching and fragmentation included; the student-only process
+  never builds a teacher.
 The teacher's activation working set is the allocator peak of one teacher forward alone.
 """
 
@@ -234,37 +235,41 @@ def memory(
     return out
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM). Not `ru_maxrss`: a child started by fork + exec
+    inherits the parent's high-water mark there (Linux), which would hide the child's own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def rss_probe(args) -> int:
-    """Subprocess entry: build one variant alone, run a few steps, print max RSS (KiB)."""
+    """Subprocess entry: build one variant alone, run a few steps, print peak RSS (KiB)."""
     torch.set_num_threads(args.threads)
     cfg, data, batch = setup_config(args.small, args.classes)
+    base = peak_rss_kib()  # after imports: the same in both processes
     teacher = make_teacher(cfg, data) if args.rss_probe != "student" else None
     v = make_variant(args.rss_probe, cfg, data, teacher, batch)
     for _ in range(3):
         v.step()
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"peak_kib": peak_rss_kib(), "after_imports_kib": base}))
     return 0
 
 
 def rss(args) -> dict[str, float]:
+    """Peak RSS of a fresh process per variant: student-only (no teacher built) and hint_kd."""
     out = {}
     for name in ("student", "hint_kd"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "fitdist.bench.step",
-            "--rss-probe",
-            name,
-            "--threads",
-            str(args.threads),
-            "--classes",
-            str(args.classes),
-        ] + (["--small"] if args.small else [])
+        cmd = [sys.executable, "-m", "fitdist.bench.step", "--rss-probe", name]
+        cmd += ["--threads", str(args.threads), "--classes", str(args.classes)]
+        cmd += ["--small"] if args.small else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[f"{name}_maxrss"] = (
-            json.loads(done.stdout.strip().splitlines()[-1])["maxrss_kib"] / 1024
-        )
-    out["teacher_extra"] = out["hint_kd_maxrss"] - out["student_maxrss"]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        out[f"{name}_peak_rss"] = got["peak_kib"] / 1024
+        out[f"{name}_after_imports"] = got["after_imports_kib"] / 1024
+    out["teacher_extra"] = out["hint_kd_peak_rss"] - out["student_peak_rss"]
     return out
 
 
@@ -366,8 +371,8 @@ def print_table(res: dict) -> None:
             f"{mem['teacher_working_set']:.1f}): {verdict[ra['teacher_memory_target_met']]}"
         )
         print(
-            f"process max RSS MiB: student {rs['student_maxrss']:.1f}, "
-            f"hint_kd {rs['hint_kd_maxrss']:.1f}, teacher extra {rs['teacher_extra']:.1f}"
+            f"process peak RSS MiB: student {rs['student_peak_rss']:.1f}, "
+            f"hint_kd {rs['hint_kd_peak_rss']:.1f}, teacher extra {rs['teacher_extra']:.1f}"
         )
 
 
