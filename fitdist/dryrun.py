@@ -1,0 +1,180 @@
+"""`fitdist train CONFIG --dry-run`: check a config end to end without reading any data.
+
+Builds the student and teacher on a synthetic `DataBundle` of the config's shape, probes the hint
+shapes and sizes the regressors exactly as a real run does (`build_student`), then runs one
+optimizer step per stage on random images through the real path (`set_trainable`,
+`build_strategy(...).prepare`, `Distiller`, `strategy.step`). A recipe whose keys, model names,
+hint paths, regressor shapes or stage weights are wrong fails here in seconds, not on the cluster.
+
+The teacher's weights file normally does not exist yet (it is the output of the teacher's own
+run): the teacher then keeps random weights, and the output says so. A `ddp` strategy is checked
+in a one-process gloo group, so the real DDP wrapper (unused-parameter check included) runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from fitdist import dist
+from fitdist.build import build_student
+from fitdist.config import Config
+from fitdist.data import DataBundle
+from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
+from fitdist.errors import UserError
+from fitdist.models import build_model, count_params
+from fitdist.schedule import weight_at
+from fitdist.strategy import build_strategy
+
+DRY_BATCH = 4  # images per dry-run step: >1 so BatchNorm in train mode has statistics
+NATIVE = {"fashion-mnist": (10, 28)}  # sources whose class count and image size are known
+
+
+def synthetic_data(cfg: Config) -> DataBundle:
+    """A bundle of the config's shape whose batches are random: no file is ever opened."""
+    d = cfg.data
+    classes, size = NATIVE.get(d.source, (None, None))
+    classes, size = d.num_classes or classes, d.image_size or size
+    for key, value in (("data.num_classes", classes), ("data.image_size", size)):
+        if value is None:  # shards would tell a real run, but a recipe must not depend on that
+            raise UserError(f"{key}: must be set for data.source {d.source!r} (a dry run reads no data)")
+    channels = 1 if d.source == "fashion-mnist" else 3
+
+    def batches(start: int = 0):
+        gen = torch.Generator().manual_seed(cfg.seed + start)
+        while True:
+            yield (torch.randn(DRY_BATCH, channels, size, size, generator=gen),
+                   torch.randint(0, classes, (DRY_BATCH,), generator=gen))
+
+    return DataBundle(train_batches=batches, val_batches=lambda: iter(()), num_classes=classes,
+                      in_channels=channels, image_size=(size, size), num_val=0,
+                      class_names=[str(i) for i in range(classes)])
+
+
+def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, str | None]:
+    """The frozen teacher, with its weights if the file exists and random weights otherwise."""
+    if cfg.teacher is None:
+        return None, None
+    weights = cfg.teacher.weights
+    found = bool(weights) and Path(weights).is_file()
+    model_cfg = cfg.teacher if found else dataclasses.replace(cfg.teacher, weights=None)
+    model = build_model(model_cfg, data.num_classes, data.in_channels, where="teacher")
+    note = f"loaded {weights}" if found else f"random (teacher.weights {weights or 'unset'} not found)"
+    hints = [h.teacher for h in cfg.hints]
+    return FrozenTeacher(model, hints, cfg.teacher.precision, cfg.teacher.channels_last), note
+
+
+def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
+    """Multiply-accumulates of one forward on `x` (FLOPs / 2, as FlopCounterMode counts 2 per MAC)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # older torch: MACs are a nicety, not a check
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def describe_hints(cfg: Config, student: Student, teacher: FrozenTeacher | None, x: torch.Tensor) -> list[dict]:
+    """Per hint pair: the probed shapes and the regressor `build_student` chose for them."""
+    if teacher is None or not cfg.hints:
+        return []
+    student.eval()
+    with torch.no_grad():
+        _, s_feats = student.tap(x)
+        _, t_feats = teacher.tap(x)
+    student.train()
+    out = []
+    for h, sf, tf, reg in zip(cfg.hints, s_feats, t_feats, student.regressors):
+        proj = reg.proj
+        kind = "linear" if isinstance(proj, torch.nn.Linear) else "conv"
+        entry = {"student": h.student, "teacher": h.teacher, "student_shape": list(sf.shape[1:]),
+                 "teacher_shape": list(tf.shape[1:]), "regressor": kind,
+                 "regressor_params": count_params(reg)}
+        if kind == "conv":
+            entry["kernel"] = list(proj.kernel_size)
+            entry["resize"] = list(reg.resize_to) if reg.resize_to else None
+        out.append(entry)
+    return out
+
+
+@contextlib.contextmanager
+def _process_group(kind: str):
+    """A one-process gloo group for `ddp`, unless torchrun already made one."""
+    made = kind == "ddp" and not tdist.is_initialized()
+    if made:
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if made:
+            tdist.destroy_process_group()
+
+
+def dry_run(cfg: Config) -> dict:
+    """Builds everything, probes hints, runs one step per stage; returns a JSON-able summary."""
+    from fitdist.trainer import set_trainable  # trainer imports heavy modules; keep this one light
+
+    env = dist.DistEnv(device=dist.pick_device(cfg.train.device, 0))
+    torch.manual_seed(cfg.seed)
+    data = synthetic_data(cfg)
+    teacher, teacher_note = dry_teacher(cfg, data)
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, data, teacher)
+    probe = torch.randn(1, data.in_channels, *data.image_size)
+    result = {
+        "name": cfg.name,
+        "device": str(env.device),
+        "data": {"source": cfg.data.source, "num_classes": data.num_classes,
+                 "in_channels": data.in_channels, "image_size": list(data.image_size), "synthetic": True},
+        "student": {"name": cfg.student.name, "params": count_params(student.backbone),
+                    "regressor_params": count_params(student.regressors),
+                    "macs": count_macs(student.backbone, probe)},
+        "teacher": None,
+        "hints": describe_hints(cfg, student, teacher, probe.repeat(2, 1, 1, 1)),
+    }
+    if teacher is not None:
+        result["teacher"] = {"name": cfg.teacher.name, "params": count_params(teacher.model),
+                             "macs": count_macs(teacher.model, probe), "weights": teacher_note}
+        teacher.to(env.device)
+    student.to(env.device)
+    with _process_group(cfg.strategy.kind):
+        result["strategy"] = cfg.strategy.kind + (" (1-process gloo group)" if cfg.strategy.kind == "ddp" else "")
+        result["stages"] = [_stage_step(cfg, i, student, teacher, data, env, set_trainable)
+                            for i in range(len(cfg.stages))]
+    return result
+
+
+def _stage_step(cfg: Config, index: int, student: Student, teacher, data: DataBundle, env, set_trainable) -> dict:
+    """One optimizer step of stage `index` on random data, as `trainer._Run._run_stage` does it."""
+    stage = cfg.stages[index]
+    strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
+    x = torch.randn(2, data.in_channels, *data.image_size, device=env.device)
+    set_trainable(student, teacher, stage, x, cfg)
+    optim = stage.optim or cfg.optim
+    model, optimizer, scheduler = strategy.prepare(student, optim, optim.lr, stage.steps)
+    distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)
+    weights = {t: weight_at(getattr(stage, t), 0, stage.steps) for t in TERMS}
+    images, labels = next(data.train_batches(index))
+    images, labels = images.to(env.device), labels.to(env.device)
+    student.train()
+    with strategy.microstep(model, sync=True), strategy.autocast():
+        terms = distiller(images, labels, weights)
+    strategy.backward(terms["loss"])
+    grad_norm, stepped = strategy.step(optimizer, optim.max_grad_norm)
+    scheduler.step()
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    if not stepped or not all(torch.isfinite(torch.tensor(list(values.values())))):
+        raise UserError(f"stages.{index} ({stage.name}): the dry-run step is not finite: {values}")
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return {"name": stage.name, "steps": stage.steps, "optim": optim.name, "lr": optim.lr,
+            "weights": weights, "trainable_params": trainable, "terms": values, "grad_norm": grad_norm}
