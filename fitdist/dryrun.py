@@ -64,8 +64,32 @@ def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, st
     model_cfg = cfg.teacher if found else dataclasses.replace(cfg.teacher, weights=None)
     model = build_model(model_cfg, data.num_classes, data.in_channels, where="teacher")
     note = f"loaded {weights}" if found else f"random (teacher.weights {weights or 'unset'} not found)"
+    if not found and calibrate_batchnorm(model, data):
+        note += "; BatchNorm statistics from random batches"
     hints = [h.teacher for h in cfg.hints]
     return FrozenTeacher(model, hints, cfg.teacher.precision, cfg.teacher.channels_last), note
+
+
+def calibrate_batchnorm(model: torch.nn.Module, data: DataBundle, batches: int = 2) -> bool:
+    """Running BN statistics from random batches: an untrained teacher in eval mode would
+    otherwise use mean 0 / var 1 and, in a deep ResNet, produce activations of 1e10 and more,
+    which makes the dry run's loss terms meaningless (though finite)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    batch_iter = data.train_batches(10_000)  # a stream the training steps never use
+    with torch.no_grad():
+        for _ in range(batches):
+            model(next(batch_iter)[0])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return True
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
