@@ -41,18 +41,28 @@ def synthetic_data(cfg: Config) -> DataBundle:
     classes, size = d.num_classes or classes, d.image_size or size
     for key, value in (("data.num_classes", classes), ("data.image_size", size)):
         if value is None:  # shards would tell a real run, but a recipe must not depend on that
-            raise UserError(f"{key}: must be set for data.source {d.source!r} (a dry run reads no data)")
+            raise UserError(
+                f"{key}: must be set for data.source {d.source!r} (a dry run reads no data)"
+            )
     channels = 1 if d.source == "fashion-mnist" else 3
 
     def batches(start: int = 0):
         gen = torch.Generator().manual_seed(cfg.seed + start)
         while True:
-            yield (torch.randn(DRY_BATCH, channels, size, size, generator=gen),
-                   torch.randint(0, classes, (DRY_BATCH,), generator=gen))
+            yield (
+                torch.randn(DRY_BATCH, channels, size, size, generator=gen),
+                torch.randint(0, classes, (DRY_BATCH,), generator=gen),
+            )
 
-    return DataBundle(train_batches=batches, val_batches=lambda: iter(()), num_classes=classes,
-                      in_channels=channels, image_size=(size, size), num_val=0,
-                      class_names=[str(i) for i in range(classes)])
+    return DataBundle(
+        train_batches=batches,
+        val_batches=lambda: iter(()),
+        num_classes=classes,
+        in_channels=channels,
+        image_size=(size, size),
+        num_val=0,
+        class_names=[str(i) for i in range(classes)],
+    )
 
 
 def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, str | None]:
@@ -63,7 +73,9 @@ def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, st
     found = bool(weights) and Path(weights).is_file()
     model_cfg = cfg.teacher if found else dataclasses.replace(cfg.teacher, weights=None)
     model = build_model(model_cfg, data.num_classes, data.in_channels, where="teacher")
-    note = f"loaded {weights}" if found else f"random (teacher.weights {weights or 'unset'} not found)"
+    note = (
+        f"loaded {weights}" if found else f"random (teacher.weights {weights or 'unset'} not found)"
+    )
     if not found and calibrate_batchnorm(model, data):
         note += "; BatchNorm statistics from random batches"
     hints = [h.teacher for h in cfg.hints]
@@ -93,7 +105,7 @@ def calibrate_batchnorm(model: torch.nn.Module, data: DataBundle, batches: int =
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
-    """Multiply-accumulates of one forward on `x` (FLOPs / 2, as FlopCounterMode counts 2 per MAC)."""
+    """Multiply-accumulates of one forward on `x` (FlopCounterMode counts 2 FLOPs per MAC)."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:  # older torch: MACs are a nicety, not a check
@@ -108,7 +120,9 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
     return counter.get_total_flops() // 2
 
 
-def describe_hints(cfg: Config, student: Student, teacher: FrozenTeacher | None, x: torch.Tensor) -> list[dict]:
+def describe_hints(
+    cfg: Config, student: Student, teacher: FrozenTeacher | None, x: torch.Tensor
+) -> list[dict]:
     """Per hint pair: the probed shapes and the regressor `build_student` chose for them."""
     if teacher is None or not cfg.hints:
         return []
@@ -121,9 +135,14 @@ def describe_hints(cfg: Config, student: Student, teacher: FrozenTeacher | None,
     for h, sf, tf, reg in zip(cfg.hints, s_feats, t_feats, student.regressors):
         proj = reg.proj
         kind = "linear" if isinstance(proj, torch.nn.Linear) else "conv"
-        entry = {"student": h.student, "teacher": h.teacher, "student_shape": list(sf.shape[1:]),
-                 "teacher_shape": list(tf.shape[1:]), "regressor": kind,
-                 "regressor_params": count_params(reg)}
+        entry = {
+            "student": h.student,
+            "teacher": h.teacher,
+            "student_shape": list(sf.shape[1:]),
+            "teacher_shape": list(tf.shape[1:]),
+            "regressor": kind,
+            "regressor_params": count_params(reg),
+        }
         if kind == "conv":
             entry["kernel"] = list(proj.kernel_size)
             entry["resize"] = list(reg.resize_to) if reg.resize_to else None
@@ -158,27 +177,45 @@ def dry_run(cfg: Config) -> dict:
     result = {
         "name": cfg.name,
         "device": str(env.device),
-        "data": {"source": cfg.data.source, "num_classes": data.num_classes,
-                 "in_channels": data.in_channels, "image_size": list(data.image_size), "synthetic": True},
-        "student": {"name": cfg.student.name, "params": count_params(student.backbone),
-                    "regressor_params": count_params(student.regressors),
-                    "macs": count_macs(student.backbone, probe)},
+        "data": {
+            "source": cfg.data.source,
+            "num_classes": data.num_classes,
+            "in_channels": data.in_channels,
+            "image_size": list(data.image_size),
+            "synthetic": True,
+        },
+        "student": {
+            "name": cfg.student.name,
+            "params": count_params(student.backbone),
+            "regressor_params": count_params(student.regressors),
+            "macs": count_macs(student.backbone, probe),
+        },
         "teacher": None,
         "hints": describe_hints(cfg, student, teacher, probe.repeat(2, 1, 1, 1)),
     }
     if teacher is not None:
-        result["teacher"] = {"name": cfg.teacher.name, "params": count_params(teacher.model),
-                             "macs": count_macs(teacher.model, probe), "weights": teacher_note}
+        result["teacher"] = {
+            "name": cfg.teacher.name,
+            "params": count_params(teacher.model),
+            "macs": count_macs(teacher.model, probe),
+            "weights": teacher_note,
+        }
         teacher.to(env.device)
     student.to(env.device)
     with _process_group(cfg.strategy.kind):
-        result["strategy"] = cfg.strategy.kind + (" (1-process gloo group)" if cfg.strategy.kind == "ddp" else "")
-        result["stages"] = [_stage_step(cfg, i, student, teacher, data, env, set_trainable)
-                            for i in range(len(cfg.stages))]
+        result["strategy"] = cfg.strategy.kind + (
+            " (1-process gloo group)" if cfg.strategy.kind == "ddp" else ""
+        )
+        result["stages"] = [
+            _stage_step(cfg, i, student, teacher, data, env, set_trainable)
+            for i in range(len(cfg.stages))
+        ]
     return result
 
 
-def _stage_step(cfg: Config, index: int, student: Student, teacher, data: DataBundle, env, set_trainable) -> dict:
+def _stage_step(
+    cfg: Config, index: int, student: Student, teacher, data: DataBundle, env, set_trainable
+) -> dict:
     """One optimizer step of stage `index` on random data, as `trainer._Run._run_stage` does it."""
     stage = cfg.stages[index]
     strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
@@ -200,5 +237,13 @@ def _stage_step(cfg: Config, index: int, student: Student, teacher, data: DataBu
     if not stepped or not all(torch.isfinite(torch.tensor(list(values.values())))):
         raise UserError(f"stages.{index} ({stage.name}): the dry-run step is not finite: {values}")
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    return {"name": stage.name, "steps": stage.steps, "optim": optim.name, "lr": optim.lr,
-            "weights": weights, "trainable_params": trainable, "terms": values, "grad_norm": grad_norm}
+    return {
+        "name": stage.name,
+        "steps": stage.steps,
+        "optim": optim.name,
+        "lr": optim.lr,
+        "weights": weights,
+        "trainable_params": trainable,
+        "terms": values,
+        "grad_norm": grad_norm,
+    }
