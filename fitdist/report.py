@@ -1,0 +1,255 @@
+"""`fitdist report RUN_DIR [RUN_DIR ...] --out DIR`: plots and a results table from finished runs.
+
+Reads each run directory's `metrics.jsonl` (one row per log step), `summary.json` (final
+evaluation, written at the end of a run) and `config.yaml` (the resolved config), and writes to
+`--out`:
+
+- `loss-<run>.png`: the training loss terms (`train/loss`, `ce`, `kd`, `hint`), one panel per stage;
+- `schedule.png`: λ (the KD weight) and the learning rate against the global step, every run;
+- `val_top1.png`: validation top-1 of every run on one chart;
+- `results.md`: one table row per run with its final numbers.
+
+Unfinished runs (no `summary.json`) are reported from their last evaluated row and marked as such.
+Bad input (a missing directory, no or an empty `metrics.jsonl`, a line that is not JSON) is a
+`UserError` naming the path, so the CLI prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fitdist.errors import UserError
+
+TERMS = ("train/loss", "train/ce", "train/kd", "train/hint")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    rows: list[dict]
+    summary: dict | None = None
+    config: dict = field(default_factory=dict)
+
+    def stages(self) -> list[str]:
+        """Stage names in the order they ran."""
+        seen: list[str] = []
+        for row in self.rows:
+            if row.get("stage") not in seen:
+                seen.append(row.get("stage"))
+        return seen
+
+    def final(self) -> dict:
+        """Final metrics: `summary.json`, or else the last evaluated row (unfinished run)."""
+        if self.summary is not None:
+            return self.summary
+        evaluated = [r for r in self.rows if "val/top1" in r]
+        return {**(evaluated[-1] if evaluated else {}), "unfinished": True}
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"report: run directory not found: {path}")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"report: no metrics.jsonl in {path} (is it a run directory?)")
+    rows = []
+    for i, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"report: {metrics}:{i} is not a JSON line") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise UserError(f"report: {metrics}:{i} has no 'step'")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"report: {metrics} is empty (the run logged nothing yet)")
+    summary = _read_json(path / "summary.json")
+    config = _read_yaml(path / "config.yaml")
+    return Run(config.get("name") or path.name, path, rows, summary, config)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"report: {path} is not valid JSON") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"report: {path} is not valid YAML") from None
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Two runs of the same config (e.g. seeds) get their directory names appended."""
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({run.path.name})"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("report: matplotlib is needed: pip install 'fitdist[report]'") from None
+    matplotlib.use("Agg")  # files only: never open a window, work without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(run: Run):
+    """One panel per stage, one line per logged loss term."""
+    plt = _pyplot()
+    stages = run.stages()
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = [r for r in run.rows if r.get("stage") == stage]
+        for term in TERMS:
+            points = [(r["step"], r[term]) for r in rows if term in r]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 20 else None,
+                        label=term.removeprefix("train/"))
+        ax.set_title(f"stage {stage}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log" if _positive(rows) else "linear")  # terms differ by orders of magnitude
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training loss")
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    return fig
+
+
+def _positive(rows: list[dict]) -> bool:
+    values = [r[t] for r in rows for t in TERMS if t in r]
+    return bool(values) and min(values) > 0
+
+
+def plot_schedule(runs: list[Run]):
+    """λ (the KD weight) and the learning rate of every run against the global step."""
+    plt = _pyplot()
+    fig, (ax_l, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for run in runs:
+        for ax, key in ((ax_l, "lambda"), (ax_lr, "lr")):
+            points = [(r["step"], r[key]) for r in run.rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 20 else None, label=run.name)
+    ax_l.set(title="λ (KD weight)", xlabel="step")
+    ax_lr.set(title="learning rate", xlabel="step")
+    ax_lr.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_val(runs: list[Run]):
+    """Validation top-1 of every run on one chart (one line per run that evaluated)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run in runs:
+        points = [(r["step"], r["val/top1"]) for r in run.rows if "val/top1" in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=run.name)
+    ax.set(title="validation top-1", xlabel="step", ylabel="top-1 (%)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- table
+
+
+def results_table(runs: list[Run]) -> str:
+    """A markdown table of the final result of every run, best top-1 first."""
+    header = (
+        "| run | student | teacher | stages | steps | params | top-1 (%) | top-5 (%) | time (s) |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    ordered = sorted(runs, key=lambda r: -(r.final().get("val/top1") or -1.0))
+    for run in ordered:
+        final, cfg = run.final(), run.config
+        teacher = (cfg.get("teacher") or {}).get("name", "—")
+        student = final.get("student") or (cfg.get("student") or {}).get("name", "?")
+        stages = " → ".join(str(s) for s in run.stages())
+        name = run.name + (" (unfinished)" if final.get("unfinished") else "")
+        steps = final.get("steps", run.rows[-1]["step"])
+        cells = [name, student, teacher, stages, str(steps), _int(final.get("params")),
+                 _num(final.get("val/top1")), _num(final.get("val/top5")),
+                 _num(final.get("wall_time_s"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _int(value) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+# ---------------------------------------------------------------- command
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, like every other bad input
+        raise UserError(f"{self.prog}: {message}")
+
+
+def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
+    """Writes every plot and `results.md` to `out`; returns what was written, by kind."""
+    runs = [read_run(d) for d in run_dirs]
+    unique_names(runs)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"report: cannot create {out} ({e.strerror or e})") from None
+    plt = _pyplot()
+    written: dict[str, Path] = {}
+    figures = [(f"loss-{_slug(r.name)}", plot_losses(r)) for r in runs]
+    figures += [("schedule", plot_schedule(runs)), ("val_top1", plot_val(runs))]
+    for stem, fig in figures:
+        written[stem] = out / f"{stem}.png"
+        fig.savefig(written[stem], dpi=110)
+        plt.close(fig)
+    written["results"] = out / "results.md"
+    written["results"].write_text("# Results\n\n" + results_table(runs))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="fitdist report", description="Plots and a results table from runs.")
+    p.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl)")
+    p.add_argument("--out", default="report", help="output directory (default: report)")
+    args = p.parse_args(argv)
+    written = report(args.runs, args.out)
+    for path in written.values():
+        print(path)
+    return 0

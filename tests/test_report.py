@@ -1,0 +1,108 @@
+"""`fitdist report`: plots and a results table from two real (tiny) Fashion-MNIST runs."""
+
+import json
+
+import pytest
+from conftest import STUDENT, TEACHER, run_cli, write_config
+from PIL import Image
+
+from fitdist.config import load_config
+from fitdist.errors import UserError
+from fitdist.report import plot_losses, plot_schedule, plot_val, read_run, report
+from fitdist.trainer import train
+
+EVAL = {"eval_batch_size": 1000, "threads": 1, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A scratch teacher (one stage) and a two-stage FitNets student distilled from it."""
+    root = tmp_path_factory.mktemp("report-runs")
+    teacher = write_config(root / "teacher.yaml", student=TEACHER,
+                           stages=[{"name": "train", "steps": 10}],
+                           train={**EVAL, "log_every": 5, "eval_every": 5})
+    train(load_config(teacher))
+    fitnets = write_config(
+        root / "fitnets.yaml", student=STUDENT,
+        teacher={**TEACHER, "weights": str(root / "teacher" / "student.pt")},
+        hints=[{"student": "conv4", "teacher": "conv2"}],
+        stages=[{"name": "hint", "steps": 6, "ce": 0.0, "hint": 1.0},
+                {"name": "kd", "steps": 6, "ce": 1.0, "kd": [4.0, 1.0]}],
+        train={**EVAL, "log_every": 3},
+    )
+    train(load_config(fitnets))
+    return root / "teacher", root / "fitnets"
+
+
+def test_report_writes_plots_and_table(runs, tmp_path):
+    written = report([str(d) for d in runs], tmp_path / "out")
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["loss-fitnets.png", "loss-teacher.png", "schedule.png", "val_top1.png"]
+    for name in pngs:
+        with Image.open(tmp_path / "out" / name) as im:
+            im.verify()  # a complete, valid PNG
+        with Image.open(tmp_path / "out" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+    table = written["results"].read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| run")]
+    assert len(rows) == 2
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (row,) = [r for r in rows if r.startswith(f"| {run_dir.name} |")]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == str(summary["steps"])
+        assert cells[5] == f"{summary['params']:,}"
+        assert cells[6] == f"{summary['val/top1']:.2f}" and cells[7] == f"{summary['val/top5']:.2f}"
+    fit = next(r for r in rows if r.startswith("| fitnets |"))
+    assert "hint → kd" in fit and "fitdist:fitnet" in fit
+    # best top-1 first
+    top1 = [float(r.strip("|").split("|")[6]) for r in rows]
+    assert top1 == sorted(top1, reverse=True)
+
+
+def test_plot_contents(runs):
+    teacher, fitnets = read_run(runs[0]), read_run(runs[1])
+    fig = plot_losses(fitnets)
+    hint_ax, kd_ax = fig.axes[:2]
+    assert [ln.get_label() for ln in hint_ax.lines] == ["loss", "hint"]
+    assert [ln.get_label() for ln in kd_ax.lines] == ["loss", "ce", "kd"]
+    val = plot_val([teacher, fitnets]).axes[0]
+    assert [ln.get_label() for ln in val.lines] == ["teacher", "fitnets"]
+    assert len(val.lines[0].get_xdata()) == 2  # the teacher was evaluated at steps 5 and 10
+    lam, lr = plot_schedule([teacher, fitnets]).axes
+    lam_fitnets = list(lam.lines[1].get_ydata())  # 0 in the hint stage, then annealed 4 -> 1
+    assert lam_fitnets[0] == 0.0 and lam_fitnets[-1] == pytest.approx(1.0)
+    kd_part = [v for v in lam_fitnets if v > 0]
+    assert kd_part == sorted(kd_part, reverse=True) and all(1.0 <= v <= 4.0 for v in kd_part)
+    assert len(lr.lines) == 2
+
+
+def test_unfinished_run_is_marked(runs, tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    rows = (runs[0] / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(rows[0] + "\n")  # the first row: evaluated at step 5
+    written = report([str(run)], tmp_path / "out")
+    assert "partial (unfinished)" in written["results"].read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "no-metrics", "empty", "not-json"])
+def test_bad_input_names_the_path(tmp_path, case):
+    run = tmp_path / "run"
+    if case != "missing":
+        run.mkdir()
+    if case == "empty":
+        (run / "metrics.jsonl").write_text("")
+    if case == "not-json":
+        (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(UserError, match=str(run)):
+        report([str(run)], tmp_path / "out")
+
+
+def test_cli_exit_status(runs, tmp_path):
+    ok = run_cli("report", *runs, "--out", tmp_path / "cli")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli" / "results.md").is_file()
+    bad = run_cli("report", tmp_path / "nowhere", "--out", tmp_path / "cli2")
+    assert bad.returncode == 2 and str(tmp_path / "nowhere") in bad.stderr
+    assert "Traceback" not in bad.stderr
