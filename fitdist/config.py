@@ -133,9 +133,12 @@ class WandbConfig:
 
 @dataclass
 class StrategyConfig:
-    kind: Literal["single", "ddp"] = "single"
+    kind: Literal["single", "ddp", "deepspeed"] = "single"  # launch ddp/deepspeed with torchrun
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     sync_bn: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP
+    # deepspeed: a DeepSpeed JSON (ZeRO stage etc.); batch, precision and clipping fields are
+    # written from train.* / optim.*, so a value there that disagrees is an error
+    deepspeed_config: str | None = None
 
 
 @dataclass

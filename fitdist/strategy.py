@@ -1,21 +1,23 @@
-"""How the trainable module is run: one device or DDP, behind one small interface.
+"""How the trainable module is run: one device, DDP or DeepSpeed, behind one small interface.
 
 The training loop calls `prepare` once per stage, then for every micro-step `microstep(...)`
 (autocast, and DDP's `no_sync` between gradient-accumulation boundaries), `backward`, and for
-every optimizer step `step`. It never knows which strategy runs. This is the only module that
-imports DistributedDataParallel.
+every optimizer step `step`; checkpoints go through `optimizer_state` / `load_optimizer_state`
+and `end_stage` closes a stage. It never knows which strategy runs. This is the only module that
+imports DistributedDataParallel; DeepSpeed lives in `fitdist/strategy_deepspeed.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fitdist.config import OptimConfig, StrategyConfig
+from fitdist.config import OptimConfig, StrategyConfig, TrainConfig
 from fitdist.dist import DistEnv
 from fitdist.schedule import build_optimizer, build_scheduler
 
@@ -64,6 +66,20 @@ class Strategy:
         return float(norm), finite
 
 
+    # ---------------------------------------------------------------- stage and checkpoint hooks
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, run_dir: Path, global_step: int) -> dict:
+        """What the checkpoint records for the optimizer; called on every rank (collective for
+        DeepSpeed, whose optimizer state is partitioned and saved by each rank)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict, run_dir: Path) -> None:
+        """Restores `optimizer_state`'s result (`state` is the whole trainer checkpoint)."""
+        optimizer.load_state_dict(state["optimizer"])
+
+    def end_stage(self) -> None:
+        """Called after a stage's last step: release what `prepare` attached to the module."""
+
+
 class DDPStrategy(Strategy):
     """DistributedDataParallel over the student + regressors; the teacher stays outside."""
 
@@ -79,7 +95,12 @@ class DDPStrategy(Strategy):
         return contextlib.nullcontext() if sync else model.no_sync()
 
 
-def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str) -> Strategy:
+def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str, train: TrainConfig | None = None) -> Strategy:
+    """`train` gives DeepSpeed its batch fields (defaults when None, e.g. for a dry run)."""
+    if cfg.kind == "deepspeed":
+        from fitdist.strategy_deepspeed import DeepSpeedStrategy  # imports deepspeed
+
+        return DeepSpeedStrategy(cfg, env, precision, train)
     if cfg.kind == "ddp":
         return DDPStrategy(cfg, env, precision)
     return Strategy(cfg, env, precision)

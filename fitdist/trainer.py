@@ -82,7 +82,7 @@ class _Run:
             self.student.to(memory_format=torch.channels_last)
         if self.teacher is not None:
             self.teacher.to(env.device)
-        self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
+        self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
 
         self.pos, self.saved, self.evaluated = Position(), None, (None, {})
         self.resumed_state = self._resume_state(resume or cfg.run.resume == "auto", strict=resume)
@@ -130,10 +130,12 @@ class _Run:
         set_trainable(self.student, self.teacher, stage, probe_input(self.data).to(env.device), cfg)
         optim = stage.optim or cfg.optim
         lr = optim.lr * (env.world if optim.scale_lr == "linear" else 1)
+        self.logger.print(f"stage {stage.name}: lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size "
+                          f"{env.world})" if optim.scale_lr == "linear" else " (optim.scale_lr=none)"))
         model, optimizer, scheduler = self.strategy.prepare(self.student, optim, lr, stage.steps)
         if self.resumed_state is not None:  # continue the stage the checkpoint was taken in
             st, self.resumed_state = self.resumed_state, None
-            optimizer.load_state_dict(st["optimizer"])
+            self.strategy.load_optimizer_state(optimizer, st, self.run_dir)  # collective for DeepSpeed
             scheduler.load_state_dict(st["scheduler"])
             self.strategy.scaler.load_state_dict(st["scaler"])
             set_rng_state(st["rng"])
@@ -167,6 +169,7 @@ class _Run:
         if self.saved != pos.global_step:  # end of stage: evaluate and checkpoint once
             self._log_row(stage, window, weights, scheduler.get_last_lr()[0], evaluate_now=True)
             self._checkpoint(optimizer, scheduler)
+        self.strategy.end_stage()
 
     def _check_finite(self, stepped: bool) -> None:
         """A non-finite loss or gradient skips the step; too many in a row stop the run."""
@@ -210,11 +213,12 @@ class _Run:
         if not all(torch.isfinite(p).all() for p in self.student.parameters()):
             self.logger.print(f"warning: non-finite weights at step {pos.global_step}; checkpoint not written")
             return
+        optimizer_state = self.strategy.optimizer_state(optimizer, self.run_dir, pos.global_step)  # all ranks
         if self.env.is_main:
             state = {
                 "position": {**asdict(pos), "wall_time": pos.wall_time + time.perf_counter() - self.started},
                 "student": self.student.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": self.strategy.scaler.state_dict(),
                 "rng": rng_state(),
