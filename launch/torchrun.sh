@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `fitdist train` under torchrun, on one node or several; DDP and DeepSpeed configs alike (the
+# config's strategy.kind decides). Arguments pass through to `fitdist train`:
+#   launch/torchrun.sh CONFIG.yaml [key=value ...] [--resume]
+# Environment:
+#   NPROC          processes per node (default: the node's GPU count, else 1)
+#   NNODES         number of nodes (default 1: a standalone rendezvous on a free local port)
+#   RDZV_ENDPOINT  host[:port] of a c10d rendezvous (multi-node; node ranks are assigned)
+#   RDZV_ID        job id shared by the nodes of one c10d rendezvous (default: fitdist)
+#   NODE_RANK, MASTER_ADDR, MASTER_PORT   a static multi-node rendezvous instead (port 29500)
+#   LOCAL_ADDR     address this node advertises (default: its hostname)
+#   MAX_RESTARTS   elastic restarts after a worker dies (default 0); restarted workers resume from
+#                  the run's last checkpoint (run.resume=auto is added when MAX_RESTARTS > 0)
+#   PYTHON         interpreter with fitdist installed (default: python3)
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+NNODES="${NNODES:-1}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+
+args=(--nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS")
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-fitdist}")
+elif [ "$NNODES" -gt 1 ]; then
+  : "${NODE_RANK:?multi-node needs NODE_RANK (with MASTER_ADDR) or RDZV_ENDPOINT}"
+  : "${MASTER_ADDR:?multi-node needs MASTER_ADDR (with NODE_RANK) or RDZV_ENDPOINT}"
+  args+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+         --master-port "${MASTER_PORT:-29500}")
+else
+  args+=(--standalone)
+fi
+if [ -n "${LOCAL_ADDR:-}" ]; then
+  args+=(--local-addr "$LOCAL_ADDR")
+fi
+
+extra=()
+if [ "$MAX_RESTARTS" -gt 0 ]; then
+  extra+=(run.resume=auto)  # a restarted worker group continues from the latest checkpoint
+fi
+
+# One intra-op thread per process unless told otherwise (torchrun's own default, said aloud).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+: "${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...] [--resume]}"
+config="$1"
+shift
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m fitdist.cli train "$config" ${extra[@]+"${extra[@]}"} "$@"
