@@ -8,7 +8,7 @@ ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PYTHON=python \
-    WANDB_MODE=offline DATASETS=/usr/share/datasets
+    WANDB_MODE=offline
 WORKDIR /workspace
 
 # dependencies first (a layer that survives source edits), then the package itself
