@@ -115,6 +115,9 @@ class _Run:
         log.print(f"student {cfg.student.name}: {count_params(self.student.backbone):,} params"
                   + (f"; teacher {cfg.teacher.name}: {count_params(self.teacher.model):,} params" if self.teacher else "")
                   + f"; world size {self.env.world}; device {self.env.device}")
+        if self.resumed_state is not None:
+            log.print(f"resumed from step {self.pos.global_step} (stage {cfg.stages[self.pos.stage].name}, "
+                      f"step {self.pos.step})")
         try:
             with self.guard:
                 for index in range(self.pos.stage, len(cfg.stages)):
