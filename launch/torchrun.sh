@@ -11,10 +11,15 @@
 #   LOCAL_ADDR     address this node advertises (default: its hostname)
 #   MAX_RESTARTS   elastic restarts after a worker dies (default 0); restarted workers resume from
 #                  the run's last checkpoint (run.resume=auto is added when MAX_RESTARTS > 0)
-#   PYTHON         interpreter with fitdist installed (default: python3)
+#   PYTHON         interpreter with fitdist installed (default: $VENV or <repo>/.venv, else python3)
 set -euo pipefail
 
-PYTHON="${PYTHON:-python3}"
+# the interpreter: $PYTHON, else the virtual environment launch/setup.sh makes, else python3
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${VENV:-$root/.venv}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$venv/bin/python" ]; then PYTHON="$venv/bin/python"; else PYTHON=python3; fi
+fi
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
