@@ -106,6 +106,10 @@ def worker(args) -> None:
             "world": env.world, "step_s": median, "img_per_s": env.world * args.batch / median,
             "student_params": sum(p.numel() for p in student.backbone.parameters()),
         }))
+    # The DDP reducer goes before its process group, and no rank tears down while another is
+    # still in a collective (either aborted a rank at exit now and then).
+    del distiller, model, optimizer, scheduler
+    dist.barrier()
     dist.teardown()
 
 
@@ -117,7 +121,7 @@ def launch(nproc: int, args, out: Path, no_sync: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"bench ddp: {nproc}-process run failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"bench ddp: {nproc}-process run failed:\n{result.stderr[-6000:]}")
     return json.loads(out.read_text())
 
 
