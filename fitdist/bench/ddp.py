@@ -106,11 +106,15 @@ def worker(args) -> None:
             "world": env.world, "step_s": median, "img_per_s": env.world * args.batch / median,
             "student_params": sum(p.numel() for p in student.backbone.parameters()),
         }))
-    # The DDP reducer goes before its process group, and no rank tears down while another is
-    # still in a collective (either aborted a rank at exit now and then).
+    # No rank tears down while another is still in a collective, and the process leaves without
+    # interpreter finalisation: a worker sometimes aborted there ("terminate called without an
+    # active exception", no Python frame left) after a clean destroy_process_group.
     del distiller, model, optimizer, scheduler
     dist.barrier()
     dist.teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(nproc: int, args, out: Path, no_sync: bool = False) -> dict:
