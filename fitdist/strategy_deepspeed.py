@@ -211,6 +211,7 @@ def _ensure_process_group() -> None:
     """One process without torchrun: a 1-process gloo group, so DeepSpeed needs no launcher."""
     if tdist.is_initialized():
         return
+    # DeepSpeed asserts LOCAL_RANK is set (torchrun sets all three); values of a 1-process group
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"

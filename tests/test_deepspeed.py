@@ -63,7 +63,8 @@ def ds_config(tmp_path_factory) -> Path:
 
 
 def torchrun(config: Path, out: Path, *overrides: str) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), str(config), str(out), *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)

@@ -32,7 +32,10 @@ if os.environ.get("RANK") is not None and os.environ.get("TORCHELASTIC_RESTART_C
 
 
 def launch(config: Path, run_dir: Path, tmp: Path, fault: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NPROC": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable, "WANDB_MODE": "offline",
+    # WANDB_SERVICE: a W&B service started by an earlier in-process test; a restarted worker
+    # resuming its W&B run through that shared service hung, so each launch gets its own.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = {**env, "NPROC": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable, "WANDB_MODE": "offline",
            "FITDIST_TEST_ATTEMPTS": str(tmp / f"attempts-{run_dir.name}.txt"),
            "FITDIST_TEST_CHECKPOINTS": str(run_dir / "checkpoints")}
     if fault:

@@ -39,7 +39,7 @@ def test_two_nodes_meet_at_a_c10d_rendezvous_and_finish_two_stages(tmp_path):
         "train": {"batch_size": 16, "log_every": 2, "threads": 1, "eval_batch_size": 1000},
         "run": {"dir": str(tmp_path / "run")}, "strategy": {"kind": "ddp"},
     }))
-    env = {**os.environ, "NNODES": "2", "NPROC": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "NNODES": "2", "NPROC": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
            "RDZV_ID": "fitdist-test", "LOCAL_ADDR": "127.0.0.1", "PYTHON": sys.executable,
            "WANDB_MODE": "offline", "MASTER_ADDR": "", "NODE_RANK": ""}
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), str(config)], env=env, cwd=tmp_path,
