@@ -32,6 +32,13 @@ def write_config(path: Path, **sections) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_wandb_service_per_process(monkeypatch):
+    """An in-process run leaves WANDB_SERVICE set; a CLI or torchrun child that inherited it would
+    share that W&B service (a resumed run through it can hang), so each child starts its own."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fitdist.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=600, check=False)
