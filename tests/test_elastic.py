@@ -1,6 +1,10 @@
 """Elastic restart: `launch/torchrun.sh` with `MAX_RESTARTS=1`; rank 1 is SIGKILLed once, after the
 first checkpoint; torchrun restarts the worker group, which resumes from the last checkpoint and
-ends with the same student as an uninterrupted run."""
+ends with the same student as an uninterrupted run.
+
+Slow-marked: alone it passed every time (5/5, ~25 s), but after other multi-process tests in the
+same session the restarted workers sometimes (2 of 4 sessions) stayed in a timed futex wait before
+reaching W&B start-up until the timeout; the cause is not found yet."""
 
 import os
 import subprocess
@@ -42,10 +46,11 @@ def launch(config: Path, run_dir: Path, tmp: Path, fault: bool) -> subprocess.Co
     if fault:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp / "inject"), env.get("PYTHONPATH")]))
     return subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), str(config), f"run.dir={run_dir}"],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+                          env=env, capture_output=True, text=True, timeout=150, check=False)
 
 
 @pytest.mark.slow  # passes alone; failed once inside the full suite on a loaded machine (not yet diagnosed)
+@pytest.mark.slow  # the restarted group sometimes hangs at start-up (see the docstring)
 def test_worker_killed_once_resumes_from_last_checkpoint(tmp_path):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(SITECUSTOMIZE)
