@@ -72,7 +72,12 @@ def _dispatch(argv: list[str]) -> int:
         if len(argv) < 2 or argv[1] not in BENCHES:
             raise UserError(f"bench: name one of {', '.join(BENCHES)}")
         return importlib.import_module(f"fitdist.bench.{argv[1]}").main(argv[2:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also follow a flag (`train CONFIG --dry-run optim.lr=0.1`)
+    if any(arg.startswith("-") or "=" not in arg for arg in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = [*args.overrides, *rest]
     if args.command == "train":
         from fitdist.config import load_config
         from fitdist.trainer import train

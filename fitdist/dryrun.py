@@ -26,7 +26,7 @@ from fitdist.config import Config
 from fitdist.data import DataBundle
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
 from fitdist.errors import UserError
-from fitdist.models import build_model, count_params
+from fitdist.models import build_model, count_macs, count_params
 from fitdist.schedule import weight_at
 from fitdist.strategy import build_strategy
 
@@ -102,22 +102,6 @@ def calibrate_batchnorm(model: torch.nn.Module, data: DataBundle, batches: int =
         m.momentum = momentum
     model.eval()
     return True
-
-
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
-    """Multiply-accumulates of one forward on `x` (FlopCounterMode counts 2 FLOPs per MAC)."""
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:  # older torch: MACs are a nicety, not a check
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def describe_hints(

@@ -104,3 +104,19 @@ def load_weights(model: nn.Module, path: str, where: str) -> None:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
+    """Multiply-accumulates of one forward on `x` (FlopCounterMode counts 2 FLOPs per MAC)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # older torch: MACs are a nicety, not a check
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2

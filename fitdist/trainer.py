@@ -24,7 +24,7 @@ from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
 from fitdist.errors import UserError
 from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
-from fitdist.models import count_params
+from fitdist.models import count_macs, count_params
 from fitdist.preemption import Preempted, PreemptionGuard
 from fitdist.schedule import weight_at
 from fitdist.strategy import build_strategy
@@ -236,7 +236,9 @@ class _Run:
     def _finish(self) -> dict:
         metrics = self._evaluate()
         wall = self.pos.wall_time + time.perf_counter() - self.started
-        summary = {**metrics, "params": count_params(self.student.backbone), "steps": self.pos.global_step,
+        backbone = self.student.backbone
+        summary = {**metrics, "params": count_params(backbone), "steps": self.pos.global_step,
+                   "macs": count_macs(backbone, probe_input(self.data, batch=1).to(self.env.device)),
                    "wall_time_s": wall, "student": self.cfg.student.name}
         if self.env.is_main:
             save_file(self.student.backbone.state_dict(), self.run_dir / "student.pt")

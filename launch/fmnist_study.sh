@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST study behind docs/RESULTS.md, on real data and CPU:
+#   main   one teacher, then the same thin deep student four ways (scratch, KD, FitNets two-stage,
+#          FitNets single-stage joint), 1400 steps each, for every seed in SEEDS;
+#   depth  students of 3 to 15 conv layers at about the same multiply-accumulates (~11M per
+#          image), each trained from scratch, with KD and with FitNets two-stage (one seed);
+#   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
+#   bash launch/fmnist_study.sh [main|depth|report|all]    (default: all)
+# Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
+# "0 1 2"). A finished run (summary.json present) is kept; an interrupted one resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x "${VENV:-.venv}/bin/fitdist" ]; then source launch/setup.sh; fi
+VENV="${VENV:-.venv}"
+OUT="${OUT:-runs/study}"
+SEEDS="${SEEDS:-0 1 2}"
+CONFIGS=fitdist/configs
+TEACHER="$OUT/teacher/student.pt"
+export WANDB_MODE="${WANDB_MODE:-offline}"
+
+run() {  # run DIR CONFIG [key=value ...]: train unless DIR already holds a finished run
+  local dir=$1 config=$2
+  shift 2
+  [[ $config == *scratch* ]] || set -- "teacher.weights=$TEACHER" "$@"
+  if [ -f "$dir/summary.json" ]; then echo "finished: $dir"; return; fi
+  echo "+ fitdist train $config run.dir=$dir $*"
+  "$VENV/bin/fitdist" train "$config" "run.dir=$dir" run.resume=auto "$@"
+}
+
+teacher() {
+  run "$OUT/teacher" "$CONFIGS/fmnist-teacher.yaml"
+}
+
+main_study() {
+  teacher
+  for seed in $SEEDS; do
+    for method in scratch kd fitnets fitnets-joint; do
+      run "$OUT/main/$method-s$seed" "$CONFIGS/fmnist-$method.yaml" "seed=$seed"
+    done
+  done
+}
+
+depth_student() {  # depth_student K: 3K conv layers, widths w, 2w, 3w per third, ~11M MACs
+  local k=$1 w
+  case $k in 1) w=42 ;; 2) w=21 ;; 3) w=16 ;; 4) w=14 ;; 5) w=12 ;; esac
+  local widths="" i
+  for i in $(seq "$k"); do widths="$widths,$w"; done
+  for i in $(seq "$k"); do widths="$widths,$((2 * w))"; done
+  for i in $(seq "$k"); do widths="$widths,$((3 * w))"; done
+  # pooling closes the first two thirds; the guided layer ends the second (7x7, as teacher conv2)
+  echo "student.kwargs.widths=[${widths#,}] student.kwargs.pool_after=[$k,$((2 * k))]" \
+    "hints.0.student=conv$((2 * k))"
+}
+
+depth_study() {
+  teacher
+  local k method overrides
+  for k in 1 2 3 4 5; do
+    read -r -a overrides <<<"$(depth_student "$k")"
+    for method in scratch kd fitnets; do
+      local extra=("${overrides[@]}")
+      [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")  # only FitNets has a hint
+      run "$OUT/depth/d$((3 * k))-$method" "$CONFIGS/fmnist-$method.yaml" \
+        "name=depth$((3 * k))-$method" "${extra[@]}"
+    done
+  done
+}
+
+report() {
+  "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
+  "$VENV/bin/fitdist" report "$OUT"/depth/* --out "$OUT/report-depth"
+}
+
+case "${1:-all}" in
+  main) main_study ;;
+  depth) depth_study ;;
+  report) report ;;
+  all) main_study; depth_study; report ;;
+  *) echo "usage: bash launch/fmnist_study.sh [main|depth|report|all]" >&2; exit 2 ;;
+esac
