@@ -7,7 +7,8 @@ evaluation, written at the end of a run) and `config.yaml` (the resolved config)
 - `loss-<run>.png`: the training loss terms (`train/loss`, `ce`, `kd`, `hint`), one panel per stage;
 - `schedule.png`: λ (the KD weight) and the learning rate against the global step, every run;
 - `val_top1.png`: validation top-1 of every run on one chart;
-- `results.md`: one table row per run with its final numbers.
+- `results.md`: one table row per run with its final numbers and, when several runs share a config
+  name (seeds), one row per config with the mean ± sample standard deviation over its runs.
 
 Unfinished runs (no `summary.json`) are reported from their last evaluated row and marked as such.
 Bad input (a missing directory, no or an empty `metrics.jsonl`, a line that is not JSON) is a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,8 +185,8 @@ def plot_val(runs: list[Run]):
 def results_table(runs: list[Run]) -> str:
     """A markdown table of the final result of every run, best top-1 first."""
     header = (
-        "| run | student | teacher | stages | steps | params | top-1 (%) | top-5 (%) | time (s) |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|\n"
+        "| run | student | teacher | stages | steps | params | MACs | top-1 (%) | top-5 (%) | time (s) |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     ordered = sorted(runs, key=lambda r: -(r.final().get("val/top1") or -1.0))
@@ -196,8 +198,27 @@ def results_table(runs: list[Run]) -> str:
         name = run.name + (" (unfinished)" if final.get("unfinished") else "")
         steps = final.get("steps", run.rows[-1]["step"])
         cells = [name, student, teacher, stages, str(steps), _int(final.get("params")),
-                 _num(final.get("val/top1")), _num(final.get("val/top5")),
+                 _int(final.get("macs")), _num(final.get("val/top1")), _num(final.get("val/top5")),
                  _num(final.get("wall_time_s"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def grouped_table(runs: list[Run]) -> str:
+    """Runs of the same config (seeds) as one row: top-1 mean ± sample std, params, MACs, time."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run.config.get("name") or run.path.name, []).append(run.final())
+    header = ("| config | runs | top-1 (%) mean ± std | params | MACs | time (s) mean |\n"
+              "|---|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for name, finals in groups.items():
+        top1 = [f["val/top1"] for f in finals if f.get("val/top1") is not None]
+        times = [f["wall_time_s"] for f in finals if f.get("wall_time_s") is not None]
+        spread = f" ± {statistics.stdev(top1):.2f}" if len(top1) > 1 else ""
+        cells = [name, str(len(finals)), (_num(statistics.mean(top1)) + spread) if top1 else "—",
+                 _int(finals[0].get("params")), _int(finals[0].get("macs")),
+                 _num(statistics.mean(times) if times else None, 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n"
 
@@ -240,7 +261,10 @@ def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
         fig.savefig(written[stem], dpi=110)
         plt.close(fig)
     written["results"] = out / "results.md"
-    written["results"].write_text("# Results\n\n" + results_table(runs))
+    text = "# Results\n\n" + results_table(runs)
+    if len({r.config.get("name") or r.path.name for r in runs}) < len(runs):
+        text += "\n## By config (mean ± std over runs)\n\n" + grouped_table(runs)
+    written["results"].write_text(text)
     return written
 
 
