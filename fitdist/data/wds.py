@@ -89,36 +89,41 @@ def expand_shards(pattern: str | None, key: str) -> list[str]:
     return urls
 
 
-def _root_shards(root: str, split: str) -> tuple[list[str], str]:
-    mpath = os.path.join(root, "manifest.json")
-    m = read_manifest(mpath)
-    if split not in m["splits"] or not m["splits"][split]["shards"]:
-        raise UserError(f"{mpath}: no {split} shards listed (empty shard list)")
-    return [os.path.join(root, s["name"]) for s in m["splits"][split]["shards"]], mpath
+def _manifest(where: str, manifests: dict) -> dict:
+    if where not in manifests:
+        manifests[where] = read_manifest(where)
+    return manifests[where]
 
 
-def _resolve(pattern: str | None, root: str | None, split: str, key: str):
-    """(urls, manifest, manifest location) for one split."""
+def _resolve(pattern: str | None, root: str | None, split: str, key: str, manifests: dict):
+    """(urls, manifest, manifest location) for one split; `manifests` caches parsed manifests
+    (train and validation share one), which matters at ImageNet scale (thousands of shards)."""
     if pattern is None and root:
-        urls, where = _root_shards(root, split)
-        urls = expand_shards("::".join(urls), key)
+        where = os.path.join(root, "manifest.json")
+        manifest = _manifest(where, manifests)
+        listed = manifest["splits"].get(split, {}).get("shards")
+        if not listed:
+            raise UserError(f"{where}: no {split} shards listed (empty shard list)")
+        urls = [os.path.join(root, s["name"]) for s in listed]  # unique: names are file names
     else:
         urls = expand_shards(pattern, key)
         where = manifest_url(urls[0])  # next to the shards, wherever they are
-    manifest = read_manifest(where)
+        manifest = _manifest(where, manifests)
     table = shard_table(manifest)
     for url in urls:
         entry = table.get(shard_name(url))
         if entry is None:
             raise UserError(f"{where} disagrees with the shards: it does not list {url}")
-        if is_local(url) and local_path(url).stat().st_size != entry["bytes"]:
+        if not is_local(url):
+            continue
+        try:
+            size = os.stat(local_path(url)).st_size
+        except FileNotFoundError:
+            raise UserError(f"{key}: shard {url} listed in {where} does not exist") from None
+        if size != entry["bytes"]:
             log.warning(
                 "%s has %d bytes but %s lists %d: damaged or rewritten? Bad samples will be "
-                "skipped and counted",
-                url,
-                local_path(url).stat().st_size,
-                where,
-                entry["bytes"],
+                "skipped and counted", url, size, where, entry["bytes"],
             )
     return urls, manifest, where
 
@@ -167,8 +172,9 @@ def build_webdataset(
     cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1
 ) -> DataBundle:
     """The bundle for WebDataset shards written by `fitdist shard` (see docs/DATA.md)."""
-    train_urls, manifest, where = _resolve(cfg.train, cfg.root, "train", "data.train")
-    val_urls, val_manifest, val_where = _resolve(cfg.val, cfg.root, "test", "data.val")
+    manifests: dict[str, dict] = {}
+    train_urls, manifest, where = _resolve(cfg.train, cfg.root, "train", "data.train", manifests)
+    val_urls, val_manifest, val_where = _resolve(cfg.val, cfg.root, "test", "data.val", manifests)
     if val_manifest["classes"] != manifest["classes"]:
         raise UserError(
             f"{val_where} and {where} list different classes: train and validation "
@@ -199,7 +205,7 @@ def build_webdataset(
     train_counts = [table[shard_name(u)]["count"] for u in train_urls]
     val_counts = [val_table[shard_name(u)]["count"] for u in val_urls]
     class_names, num_val = list(manifest["classes"]), sum(val_counts)
-    del table, val_table, manifest, val_manifest
+    del table, val_table, manifest, val_manifest, manifests
     limits: dict[str, int] = {}
     if cfg.train_subset:
         train_urls, limits = _subset(train_urls, train_counts, cfg.train_subset)
@@ -223,7 +229,8 @@ def build_webdataset(
         return _drain(loader, counter)
 
     mine = _deal(val_urls, val_counts, world)[rank]
-    mine_counts = {u: c for u, c in zip(val_urls, val_counts) if u in mine}
+    all_counts = dict(zip(val_urls, val_counts))
+    mine_counts = {u: all_counts[u] for u in mine}
 
     def val_batches() -> Iterator[Batch]:
         if not mine:  # more ranks than validation shards: this rank has nothing to evaluate
