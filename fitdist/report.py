@@ -164,19 +164,37 @@ def plot_schedule(runs: list[Run]):
 
 
 def plot_val(runs: list[Run]):
-    """Validation top-1 of every run on one chart (one line per run that evaluated)."""
+    """Validation top-1 of every run on one chart. Runs of one config (seeds) are drawn as their
+    mean with the band between the lowest and highest run, so many seeds stay readable."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for run in runs:
-        points = [(r["step"], r["val/top1"]) for r in run.rows if "val/top1" in r]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=run.name)
+    for name, group in _by_config(runs).items():
+        labelled = [(run.name, {r["step"]: r["val/top1"] for r in run.rows if "val/top1" in r})
+                    for run in group]
+        labelled = [(label, curve) for label, curve in labelled if curve]
+        curves = [curve for _, curve in labelled]
+        if len(labelled) == 1:
+            ax.plot(*zip(*sorted(curves[0].items())), marker="o", label=labelled[0][0])
+        elif curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = [[c[s] for c in curves] for s in steps]
+            ax.plot(steps, [statistics.mean(v) for v in values], marker="o",
+                    label=f"{name} (mean of {len(curves)})")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
     ax.set(title="validation top-1", xlabel="step", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _by_config(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by their config's name (the seeds of one config), in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.config.get("name") or run.path.name, []).append(run)
+    return groups
 
 
 # ---------------------------------------------------------------- table
@@ -206,9 +224,7 @@ def results_table(runs: list[Run]) -> str:
 
 def grouped_table(runs: list[Run]) -> str:
     """Runs of the same config (seeds) as one row: top-1 mean ± sample std, params, MACs, time."""
-    groups: dict[str, list[dict]] = {}
-    for run in runs:
-        groups.setdefault(run.config.get("name") or run.path.name, []).append(run.final())
+    groups = {name: [run.final() for run in group] for name, group in _by_config(runs).items()}
     header = ("| config | runs | top-1 (%) mean ± std | params | MACs | time (s) mean |\n"
               "|---|---:|---:|---:|---:|---:|\n")
     lines = []
@@ -262,7 +278,7 @@ def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
         plt.close(fig)
     written["results"] = out / "results.md"
     text = "# Results\n\n" + results_table(runs)
-    if len({r.config.get("name") or r.path.name for r in runs}) < len(runs):
+    if len(_by_config(runs)) < len(runs):
         text += "\n## By config (mean ± std over runs)\n\n" + grouped_table(runs)
     written["results"].write_text(text)
     return written

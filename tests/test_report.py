@@ -1,13 +1,18 @@
 """`fitdist report`: plots and a results table from two real (tiny) Fashion-MNIST runs."""
 
 import json
+import random
+import shutil
+import statistics
 
 import pytest
 from conftest import STUDENT, TEACHER, run_cli, write_config
+import torch
 from PIL import Image
 
 from fitdist.config import load_config
 from fitdist.errors import UserError
+from fitdist.models import build_model, count_macs
 from fitdist.report import plot_losses, plot_schedule, plot_val, read_run, report
 from fitdist.trainer import train
 
@@ -52,12 +57,56 @@ def test_report_writes_plots_and_table(runs, tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[4] == str(summary["steps"])
         assert cells[5] == f"{summary['params']:,}"
-        assert cells[6] == f"{summary['val/top1']:.2f}" and cells[7] == f"{summary['val/top5']:.2f}"
+        assert cells[6] == f"{summary['macs']:,}"
+        assert cells[7] == f"{summary['val/top1']:.2f}" and cells[8] == f"{summary['val/top5']:.2f}"
     fit = next(r for r in rows if r.startswith("| fitnets |"))
     assert "hint → kd" in fit and "fitdist:fitnet" in fit
     # best top-1 first
-    top1 = [float(r.strip("|").split("|")[6]) for r in rows]
+    top1 = [float(r.strip("|").split("|")[7]) for r in rows]
     assert top1 == sorted(top1, reverse=True)
+
+
+def test_macs_are_per_image(runs):
+    """summary.json's MACs: one 28x28 image through the student, as FlopCounterMode counts them."""
+    cfg = load_config(runs[1] / "config.yaml")
+    model = build_model(cfg.student, 10, 1)
+    batch_of_3 = count_macs(model, torch.randn(3, 1, 28, 28))
+    assert json.loads((runs[1] / "summary.json").read_text())["macs"] * 3 == batch_of_3
+
+
+def _seed_copies(run_dir, root, shifts):
+    """Copies of a finished run whose validation top-1 is moved by each shift (fake seeds)."""
+    copies = []
+    for i, shift in enumerate(shifts):
+        copy = root / f"{run_dir.name}-s{i}"
+        shutil.copytree(run_dir, copy)
+        rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+        rows = [{**r, "val/top1": r["val/top1"] + shift} if "val/top1" in r else r for r in rows]
+        (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((copy / "summary.json").read_text())
+        summary["val/top1"] += shift
+        (copy / "summary.json").write_text(json.dumps(summary))
+        copies.append(copy)
+    return copies
+
+
+def test_seeds_of_one_config_are_aggregated(runs, tmp_path):
+    shifts = [random.uniform(-3, 3) for _ in range(3)]
+    seeds = _seed_copies(runs[1], tmp_path, shifts)
+    written = report([str(runs[0]), *map(str, seeds)], tmp_path / "out")
+    text = written["results"].read_text()
+    grouped = text.split("## By config")[1]
+    (row,) = [r for r in grouped.splitlines() if r.startswith("| fitnets |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    final = json.loads((runs[1] / "summary.json").read_text())["val/top1"]
+    top1 = [final + s for s in shifts]
+    assert cells[1] == "3"
+    assert cells[2] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
+    assert "| teacher | 1 |" in grouped  # a config run once has no spread
+    val = plot_val([read_run(s) for s in seeds]).axes[0]
+    (line,) = val.lines
+    assert line.get_label() == "fitnets (mean of 3)"
+    assert line.get_ydata()[-1] == pytest.approx(statistics.mean(top1))
 
 
 def test_plot_contents(runs):
