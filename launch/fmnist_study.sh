@@ -7,13 +7,18 @@
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
 #   bash launch/fmnist_study.sh [main|depth|report|all]    (default: all)
 # Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
-# "0 1 2"). A finished run (summary.json present) is kept; an interrupted one resumes.
+# "0 1 2"), DEPTHS (default "3 6 9 12 15"; two processes can split them). A finished run
+# (summary.json present) is kept; an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x "${VENV:-.venv}/bin/fitdist" ]; then source launch/setup.sh; fi
 VENV="${VENV:-.venv}"
 OUT="${OUT:-runs/study}"
 SEEDS="${SEEDS:-0 1 2}"
+DEPTHS="${DEPTHS:-3 6 9 12 15}"
+for depth in $DEPTHS; do
+  case $depth in 3 | 6 | 9 | 12 | 15) ;; *) echo "DEPTHS: $depth is not one of 3 6 9 12 15" >&2; exit 2 ;; esac
+done
 CONFIGS=fitdist/configs
 TEACHER="$OUT/teacher/student.pt"
 export WANDB_MODE="${WANDB_MODE:-offline}"
@@ -21,7 +26,7 @@ export WANDB_MODE="${WANDB_MODE:-offline}"
 run() {  # run DIR CONFIG [key=value ...]: train unless DIR already holds a finished run
   local dir=$1 config=$2
   shift 2
-  [[ $config == *scratch* ]] || set -- "teacher.weights=$TEACHER" "$@"
+  case $config in *-kd.yaml | *-fitnets*.yaml) set -- "teacher.weights=$TEACHER" "$@" ;; esac
   if [ -f "$dir/summary.json" ]; then echo "finished: $dir"; return; fi
   echo "+ fitdist train $config run.dir=$dir $*"
   "$VENV/bin/fitdist" train "$config" "run.dir=$dir" run.resume=auto "$@"
@@ -54,14 +59,15 @@ depth_student() {  # depth_student K: 3K conv layers, widths w, 2w, 3w per third
 
 depth_study() {
   teacher
-  local k method overrides
-  for k in 1 2 3 4 5; do
+  local depth k method overrides
+  for depth in $DEPTHS; do
+    k=$((depth / 3))
     read -r -a overrides <<<"$(depth_student "$k")"
     for method in scratch kd fitnets; do
       local extra=("${overrides[@]}")
       [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")  # only FitNets has a hint
-      run "$OUT/depth/d$((3 * k))-$method" "$CONFIGS/fmnist-$method.yaml" \
-        "name=depth$((3 * k))-$method" "${extra[@]}"
+      run "$OUT/depth/d$depth-$method" "$CONFIGS/fmnist-$method.yaml" \
+        "name=depth$depth-$method" "${extra[@]}"
     done
   done
 }
