@@ -77,7 +77,7 @@ def save_checkpoint(run_dir: Path, global_step: int, student_state: dict, traine
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot save checkpoint {final}: {e.strerror or e}") from None
@@ -86,7 +86,8 @@ def save_checkpoint(run_dir: Path, global_step: int, student_state: dict, traine
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes the entries of `path` (a rename into it) durable, not only its files' contents."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

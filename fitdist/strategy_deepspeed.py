@@ -19,8 +19,8 @@ micro-step counter, so `backward` calls it off the boundary and checks both coun
 Checkpoints: DeepSpeed's `save_checkpoint`/`load_checkpoint` are collective; every rank writes its
 optimizer partition into `<run dir>/deepspeed/step-XXXXXXXX/`, and fitdist's own checkpoint
 (written by rank 0 afterwards, atomically) names that tag, so a fitdist checkpoint only exists
-once the DeepSpeed save it refers to is complete. DeepSpeed loads its files with
-`torch.load(weights_only=False)`: unlike fitdist's own files, they must come from a trusted source.
+once the DeepSpeed save it refers to is complete. The engine reads and writes those files through
+`fitdist/deepspeed_files.py`: with `weights_only=True` (a file cannot run code), fsynced.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ class DeepSpeedStrategy(Strategy):
         config = deepspeed_config(self.user, self.train, self.precision, self.env.world, optim.max_grad_norm)
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=config)
+        from fitdist.deepspeed_files import install
+
+        install(self.engine)  # code-free loads, durable saves
         self.zero_stage = self.engine.zero_optimization_stage()
         return self.engine, ds_optimizer, scheduler
 
@@ -168,9 +171,21 @@ class DeepSpeedStrategy(Strategy):
         root, tag = Path(run_dir) / "deepspeed", (state.get("optimizer") or {}).get("deepspeed_tag")
         if tag is None:
             raise UserError("--resume: the checkpoint was not written by a DeepSpeed run")
-        path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
-        if path is None:
-            raise UserError(f"--resume: DeepSpeed checkpoint {root / tag} does not load")
+        hint = f"remove {Path(run_dir) / 'checkpoints' / tag} to resume from the previous checkpoint"
+        try:  # under ZeRO 0-2 each rank reads its own files, no collective: a failure stays local
+            path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+            error = None if path is not None else f"DeepSpeed checkpoint {root / tag} does not load; {hint}"
+        except UserError as e:  # a file refused or unreadable (fitdist/deepspeed_files.py)
+            error = f"{e}; {hint}"
+        except Exception as e:  # noqa: BLE001 - e.g. another world size: every rank must hear of it
+            error = f"DeepSpeed checkpoint {root / tag}: {type(e).__name__}: {e}"
+        # ... so the ranks agree before training: all stop with the same message, none waits alone
+        errors = [error] * self.env.world
+        if self.env.world > 1:
+            tdist.all_gather_object(errors, error)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise UserError(f"--resume: {failed[0]}")
 
     def end_stage(self) -> None:
         """Detaches the engine (hooks off) and leaves the student in fp32 with the master weights,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from fitdist.trainer import train
 
 STAGES = [{"name": "a", "steps": 6}, {"name": "b", "steps": 6}]
 EXACT = ["deterministic=true", "train.checkpoint_every=2", "run.keep_checkpoints=3", "train.log_every=1"]
+KILLER = Path(__file__).with_name("kill_during_save.py")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,40 @@ def test_sigkill_at_any_step_then_resume_is_bitwise_identical(uninterrupted, tmp
         result = run_cli("train", path, *EXACT)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exact" / "student.pt").read_bytes() == expected
+
+
+# (where the process dies, the save it dies in, what `checkpoints/` holds then, the step resumed from);
+# checkpoints every 2 steps, 3 kept: the save of step 8 is the first that prunes (step 2)
+INSIDE_A_SAVE = [
+    ("mid-file", 4, [".tmp-step-00000004", "step-00000002"], 2),
+    ("before-rename", 8, [".tmp-step-00000008", "step-00000002", "step-00000004", "step-00000006"], 6),
+    ("before-prune", 8, ["step-00000002", "step-00000004", "step-00000006", "step-00000008"], 8),
+]
+
+
+@pytest.mark.parametrize(("point", "step", "left", "resumed_at"), INSIDE_A_SAVE, ids=[c[0] for c in INSIDE_A_SAVE])
+def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(uninterrupted, tmp_path, point, step, left,
+                                                                 resumed_at):
+    """A real SIGKILL of a `fitdist train` process in the middle of writing a checkpoint."""
+    source, expected = uninterrupted
+    path = tmp_path / "exact.yaml"
+    path.write_text(source.read_text().replace(str(source.parent / "exact"), str(tmp_path / "exact")))
+    killed = subprocess.run([sys.executable, str(KILLER), point, str(step), "train", str(path), *EXACT],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    root = tmp_path / "exact" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == left
+    if point == "mid-file":  # the kill left a partial file behind, never under a checkpoint's name
+        assert (root / left[0] / ".trainer.pt.tmp").stat().st_size > 0
+        assert not (root / left[0] / "trainer.pt").exists()
+
+    result = run_cli("train", path, *EXACT, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from step {resumed_at} " in result.stderr
+    assert (tmp_path / "exact" / "student.pt").read_bytes() == expected
+    # the crashed save's remains are gone and the kept checkpoints are the uninterrupted run's
+    kept = sorted(p.name for p in (source.parent / "exact" / "checkpoints").iterdir())
+    assert sorted(p.name for p in root.iterdir()) == kept
 
 
 def test_a_crash_or_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
