@@ -109,6 +109,10 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (0: end of each stage only)
     checkpoint_every: int = 500  # steps between checkpoints (0: end of each stage only)
     channels_last: bool = False  # student in channels_last memory format
+    # torch.compile the student's and teacher's forward, hint capture and stage-1 cut included;
+    # a model that does not compile whole runs eager, with one warning (fitdist/compile.py)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile mode
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps

@@ -55,7 +55,7 @@ class Student(nn.Module):
     def forward(self, images: torch.Tensor, teacher_hints: list[torch.Tensor] | None = None, need_logits: bool = True):
         """`(logits or None, [hint loss per pair])`; the forward stops at the guided layer without logits."""
         if teacher_hints is None:
-            return self.backbone(images), []
+            return self.tap.run(images), []  # the plain forward (compiled with train.compile)
         logits, feats = self.tap(images, stop_early=not need_logits)
         hint_losses = [
             hint_term(f, r, t, self.hint_reduction, self.loss_impl)

@@ -9,6 +9,8 @@ hint paths, regressor shapes or stage weights are wrong fails here in seconds, n
 The teacher's weights file normally does not exist yet (it is the output of the teacher's own
 run): the teacher then keeps random weights, and the output says so. A `ddp` strategy is checked
 in a one-process gloo group, so the real DDP wrapper (unused-parameter check included) runs too.
+With `train.compile`, each stage compiles as in a real run and `compile` reports per model
+"compiled" or why it would run eager.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.distributed as tdist
 
 from fitdist import dist
 from fitdist.build import build_student
+from fitdist.compile import check_stage, compile_models, compiled
 from fitdist.config import Config
 from fitdist.data import DataBundle
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
@@ -186,6 +189,8 @@ def dry_run(cfg: Config) -> dict:
         }
         teacher.to(env.device)
     student.to(env.device)
+    if cfg.train.compile:
+        compile_models(cfg, student, teacher, warn=lambda text: None)  # reported below instead
     with _process_group(cfg.strategy.kind):
         result["strategy"] = cfg.strategy.kind + (
             " (1-process gloo group)" if cfg.strategy.kind == "ddp" else ""
@@ -194,6 +199,8 @@ def dry_run(cfg: Config) -> dict:
             _stage_step(cfg, i, student, teacher, data, env, set_trainable)
             for i in range(len(cfg.stages))
         ]
+    if cfg.train.compile:
+        result["compile"] = compiled(student, teacher)
     return result
 
 
@@ -205,6 +212,9 @@ def _stage_step(
     strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
     x = torch.randn(2, data.in_channels, *data.image_size, device=env.device)
     set_trainable(student, teacher, stage, x, cfg)
+    if cfg.train.compile:
+        images = torch.randn(DRY_BATCH, data.in_channels, *data.image_size, device=env.device)
+        check_stage(cfg, stage, student, teacher, images, strategy.autocast)
     optim = stage.optim or cfg.optim
     model, optimizer, scheduler = strategy.prepare(student, optim, optim.lr, stage.steps)
     distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)

@@ -3,6 +3,7 @@
 A `FeatureTap` records the outputs of named submodules. With `stop_early`, the forward is cut
 right after the last tapped module has run, so FitNets stage 1 only pays for the teacher up to
 its hint layer and the student up to its guided layer (Romero et al. 2014, Algorithm 1).
+`run` is the model's forward with that cut, and what `train.compile` compiles (fitdist/compile.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FeatureTap:
         self._active = False
         self._stop_after: str | None = None
         self.last_path: str | None = None  # the tapped module that runs last (set by `probe`)
+        self.run = self.run_model  # `fitdist.compile` swaps in a compiled version
 
     def _hook(self, path: str):
         def hook(module, args, output):
@@ -52,15 +54,20 @@ class FeatureTap:
         """`(logits, feats)`; logits is None when the forward was cut after the last tap."""
         self._feats, self._active = {}, True
         self._stop_after = self.last_path if stop_early and self.paths else None
-        logits = None
         try:
-            logits = self.model(x)
-        except _StopForward:
-            pass
+            logits = self.run(x)
         finally:
             self._active = False
         feats, self._feats = self._feats, {}
         return logits, [feats.get(p) for p in self.paths]  # None: never ran (probe reports it)
+
+    def run_model(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's forward; None when the last hook cut it. The `except` is in this frame so
+        that a compiled `run` contains it: Dynamo then traces the hook's `raise` as the graph's end."""
+        try:
+            return self.model(x)
+        except _StopForward:
+            return None
 
     def probe(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A full forward that checks every path runs and learns which one runs last."""

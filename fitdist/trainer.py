@@ -18,6 +18,7 @@ import torch
 from fitdist import dist
 from fitdist.build import build_student, build_teacher, probe_input
 from fitdist.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_file, set_rng_state
+from fitdist.compile import check_stage, compile_models, eager
 from fitdist.config import Config, StageConfig, dump_config, nonzero_weight, to_dict
 from fitdist.data import build_data
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
@@ -31,7 +32,8 @@ from fitdist.strategy import build_strategy
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("run.", "wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.threads", "train.device", "data.num_workers", "data.root", "data.download")
+                     "train.threads", "train.device", "train.compile", "data.num_workers", "data.root",
+                     "data.download")
 
 
 @dataclass
@@ -90,6 +92,8 @@ class _Run:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.logger = build_logger(env.is_main, self.run_dir, cfg.name, to_dict(cfg), cfg.wandb,
                                    self.resumed_state.get("wandb_id") if self.resumed_state else None)
+        if cfg.train.compile:
+            compile_models(cfg, self.student, self.teacher, self.logger.print)
         self.started = time.perf_counter()
         self.guard = PreemptionGuard(cfg.run.preempt_signals)
         self.skipped_in_a_row = 0
@@ -131,6 +135,13 @@ class _Run:
     def _run_stage(self, stage: StageConfig) -> None:
         cfg, env, pos = self.cfg, self.env, self.pos
         set_trainable(self.student, self.teacher, stage, probe_input(self.data).to(env.device), cfg)
+        if cfg.train.compile:
+            x = probe_input(self.data, batch=self.micro_batch).to(env.device)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            note = check_stage(cfg, stage, self.student, self.teacher, x, self.strategy.autocast)
+            if note:
+                self.logger.print(f"stage {stage.name}: {note}")
         optim = stage.optim or cfg.optim
         lr = optim.lr * (env.world if optim.scale_lr == "linear" else 1)
         self.logger.print(f"stage {stage.name}: lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size "
@@ -290,7 +301,8 @@ def set_trainable(student: Student, teacher: FrozenTeacher | None, stage: StageC
         return
     buffers = {k: v.clone() for k, v in student.state_dict(keep_vars=False).items()}
     weights = {t: float(nonzero_weight(getattr(stage, t))) for t in TERMS}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    # eager even with train.compile: this probe's batch shape and trainable set are not training's
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), eager(cfg.train.compile):
         student.train()
         labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
         terms = Distiller(student, teacher, cfg.loss.temperature, "reference")(x, labels, weights)
