@@ -4,8 +4,9 @@
 #          FitNets single-stage joint), 1400 steps each, for every seed in SEEDS;
 #   depth  students of 3 to 15 conv layers at about the same multiply-accumulates (~11M per
 #          image), each trained from scratch, with KD and with FitNets two-stage (one seed);
+#   nobn   the same depth study without BatchNorm, as in the FitNets paper's networks;
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
-#   bash launch/fmnist_study.sh [main|depth|report|all]    (default: all)
+#   bash launch/fmnist_study.sh [main|depth|nobn|report|all]    (default: all)
 # Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
 # "0 1 2"), DEPTHS (default "3 6 9 12 15"; two processes can split them). A finished run
 # (summary.json present) is kept; an interrupted one resumes.
@@ -57,30 +58,35 @@ depth_student() {  # depth_student K: 3K conv layers, widths w, 2w, 3w per third
     "hints.0.student=conv$((2 * k))"
 }
 
-depth_study() {
+depth_study() {  # depth_study DIR [key=value ...]: the depth study, overrides on every student
+  local dir=$1 depth k method overrides
+  shift
   teacher
-  local depth k method overrides
   for depth in $DEPTHS; do
     k=$((depth / 3))
     read -r -a overrides <<<"$(depth_student "$k")"
     for method in scratch kd fitnets; do
       local extra=("${overrides[@]}")
       [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")  # only FitNets has a hint
-      run "$OUT/depth/d$depth-$method" "$CONFIGS/fmnist-$method.yaml" \
-        "name=depth$depth-$method" "${extra[@]}"
+      run "$OUT/$dir/d$depth-$method" "$CONFIGS/fmnist-$method.yaml" \
+        "name=$dir$depth-$method" "${extra[@]}" "$@"
     done
   done
 }
 
 report() {
   "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
-  "$VENV/bin/fitdist" report "$OUT"/depth/* --out "$OUT/report-depth"
+  local part
+  for part in depth nobn; do
+    if [ -d "$OUT/$part" ]; then "$VENV/bin/fitdist" report "$OUT/$part"/* --out "$OUT/report-$part"; fi
+  done
 }
 
 case "${1:-all}" in
   main) main_study ;;
-  depth) depth_study ;;
+  depth) depth_study depth ;;
+  nobn) depth_study nobn student.kwargs.batch_norm=false ;;
   report) report ;;
-  all) main_study; depth_study; report ;;
-  *) echo "usage: bash launch/fmnist_study.sh [main|depth|report|all]" >&2; exit 2 ;;
+  all) main_study; depth_study depth; depth_study nobn student.kwargs.batch_norm=false; report ;;
+  *) echo "usage: bash launch/fmnist_study.sh [main|depth|nobn|report|all]" >&2; exit 2 ;;
 esac
