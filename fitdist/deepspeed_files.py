@@ -5,7 +5,7 @@ its pluggable `CheckpointEngine` interface. The default `TorchCheckpointEngine` 
 `torch.load(..., weights_only=False)`, so a crafted file would run code on `--resume`.
 `SafeCheckpointEngine` loads with `weights_only=True`, allowing exactly the non-tensor types
 DeepSpeed stores (`SAFE_TYPES`, listed with `torch.serialization.get_unsafe_globals_in_checkpoint`
-over real ZeRO 0/1/2 × fp32/bf16/fp16 checkpoints of DeepSpeed 0.19.8; plain data classes whose
+over real ZeRO 0/1/2/3 × fp32/bf16/fp16 checkpoints of DeepSpeed 0.19.8 (ZeRO-3's hold no other); plain data classes whose
 unpickling only sets attributes), and saves through fitdist's temporary file + fsync + rename, so
 the files a fitdist checkpoint names are on disk before that checkpoint is renamed into place.
 """
@@ -24,8 +24,8 @@ from fitdist.checkpoint import fsync_dir, save_file
 from fitdist.errors import UserError
 
 SAFE_TYPES = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1/2 partitions (fp32, bf16)
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # ZeRO 1/2 partitions (fp16)
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1-3 partitions (fp32, bf16)
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # ZeRO 1-3 partitions (fp16)
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 )

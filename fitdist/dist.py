@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,12 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    ds = sys.modules.get("deepspeed.comm")
+    if ds is not None and ds.is_initialized():  # DeepSpeed drops its own handles on the groups too,
+        ds.destroy_process_group()  # or a later run in this process would meet the destroyed ones
+    else:
         dist.destroy_process_group()
 
 

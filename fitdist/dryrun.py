@@ -227,6 +227,7 @@ def _stage_step(
     strategy.backward(terms["loss"])
     grad_norm, stepped = strategy.step(optimizer, optim.max_grad_norm)
     scheduler.step()
+    strategy.end_stage()  # as after a stage: DeepSpeed's engine detached, ZeRO-3's parameters whole again
     values = {k: float(v.detach()) for k, v in terms.items()}
     if not stepped or not all(torch.isfinite(torch.tensor(list(values.values())))):
         raise UserError(f"stages.{index} ({stage.name}): the dry-run step is not finite: {values}")

@@ -79,6 +79,12 @@ class Strategy:
     def end_stage(self) -> None:
         """Called after a stage's last step: release what `prepare` attached to the module."""
 
+    def gathered(self, module: nn.Module):
+        """Context yielding `module` with whole weights, to read (evaluation, checkpoints) between
+        steps: the module itself here; under DeepSpeed ZeRO-3, which partitions the parameters, a
+        plain copy holding them gathered, and a collective (every rank enters it)."""
+        return contextlib.nullcontext(module)
+
 
 class DDPStrategy(Strategy):
     """DistributedDataParallel over the student + regressors; the teacher stays outside."""

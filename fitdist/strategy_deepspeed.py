@@ -1,4 +1,4 @@
-"""DeepSpeed behind the `Strategy` interface: ZeRO stages 0-2, bf16/fp16, DeepSpeed checkpoints.
+"""DeepSpeed behind the `Strategy` interface: ZeRO stages 0-3, bf16/fp16, DeepSpeed checkpoints.
 
 The only module that imports `deepspeed` (and only when `strategy.kind: deepspeed`). fitdist
 writes every field that also exists in its own config into the DeepSpeed config: the batch sizes
@@ -21,11 +21,18 @@ optimizer partition into `<run dir>/deepspeed/step-XXXXXXXX/`, and fitdist's own
 (written by rank 0 afterwards, atomically) names that tag, so a fitdist checkpoint only exists
 once the DeepSpeed save it refers to is complete. The engine reads and writes those files through
 `fitdist/deepspeed_files.py`: with `weights_only=True` (a file cannot run code), fsynced.
+
+ZeRO-3 partitions the student's parameters themselves (the teacher stays outside, replicated):
+between steps a parameter holds no data on any rank. So whatever reads whole weights goes through
+`gathered` (evaluation and fitdist's checkpoints: a plain copy filled by an all-gather) or runs
+after `end_stage`, which gathers the fp32 weights and turns the student back into a plain module
+(the next stage's probe, `student.pt`). The hint stage's cut forward is not used (`_WholeForward`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -69,8 +76,8 @@ def deepspeed_config(user: dict, train: TrainConfig, precision: str, world: int,
             raise UserError(f"{where}: remove {key!r}: fitdist builds the optimizer and LR schedule "
                             f"from optim.* so DeepSpeed and DDP runs train alike")
     stage = user.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise UserError(f"{where}: zero_optimization.stage {stage} is not supported (use 0, 1 or 2)")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{where}: zero_optimization.stage {stage} is not supported (use 0, 1, 2 or 3)")
     micro = train.batch_size // (train.grad_accum * world)
     fixed = {
         "train_batch_size": (train.batch_size, "train.batch_size"),
@@ -93,6 +100,8 @@ def deepspeed_config(user: dict, train: TrainConfig, precision: str, world: int,
             raise UserError(f"{where}: {name}.enabled is {section['enabled']!r} but train.precision is "
                             f"{precision!r}; remove it or set it to \"auto\"")
         cfg[name] = {**section, "enabled": want}
+    if stage == 3:  # ZeRO-3 would otherwise replace torch.nn.functional.linear for the whole process
+        cfg["zero_optimization"] = {"memory_efficient_linear": False, **user["zero_optimization"]}
     cfg.setdefault("zero_allow_untested_optimizer", True)  # fitdist's SGD/RMSprop under ZeRO
     cfg.setdefault("steps_per_print", 2**31 - 1)  # fitdist logs; DeepSpeed's progress lines off
     return cfg
@@ -109,6 +118,7 @@ class DeepSpeedStrategy(Strategy):
         self.user = load_user_config(cfg.deepspeed_config)
         deepspeed_config(self.user, self.train, precision, env.world, None)  # fail before any work
         self.engine = None
+        self.zero_stage = self.user.get("zero_optimization", {}).get("stage", 0)
         self._sync = True
         if env.device.type == "cpu":  # DeepSpeed's CPU accelerator (gloo), unless told otherwise
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -124,13 +134,17 @@ class DeepSpeedStrategy(Strategy):
         # wrappers share (they replace only the "params" entry): the LR DeepSpeed applies is ours.
         scheduler = build_scheduler(optimizer, total_steps, optim)
         config = deepspeed_config(self.user, self.train, self.precision, self.env.world, optim.max_grad_norm)
+        if self.zero_stage == 3:  # taken while the module is still plain (see `gathered`, `end_stage`)
+            self._attributes = {m: set(vars(m)) for m in module.modules()}
+            self._replica = _hollow_copy(module)
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=config)
         from fitdist.deepspeed_files import install
 
         install(self.engine)  # code-free loads, durable saves
         self.zero_stage = self.engine.zero_optimization_stage()
-        return self.engine, ds_optimizer, scheduler
+        model = _WholeForward(self.engine) if self.zero_stage == 3 else self.engine
+        return model, ds_optimizer, scheduler
 
     def microstep(self, model: nn.Module, sync: bool):
         self._sync = sync
@@ -172,14 +186,36 @@ class DeepSpeedStrategy(Strategy):
         if tag is None:
             raise UserError("--resume: the checkpoint was not written by a DeepSpeed run")
         hint = f"remove {Path(run_dir) / 'checkpoints' / tag} to resume from the previous checkpoint"
-        try:  # under ZeRO 0-2 each rank reads its own files, no collective: a failure stays local
-            path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
-            error = None if path is not None else f"DeepSpeed checkpoint {root / tag} does not load; {hint}"
-        except UserError as e:  # a file refused or unreadable (fitdist/deepspeed_files.py)
-            error = f"{e}; {hint}"
-        except Exception as e:  # noqa: BLE001 - e.g. another world size: every rank must hear of it
-            error = f"DeepSpeed checkpoint {root / tag}: {type(e).__name__}: {e}"
-        # ... so the ranks agree before training: all stop with the same message, none waits alone
+        engine = self.engine
+
+        def attempt(load) -> str | None:
+            try:
+                return load()
+            except UserError as e:  # a file refused or unreadable (fitdist/deepspeed_files.py)
+                return f"{e}; {hint}"
+            except Exception as e:  # noqa: BLE001 - e.g. another world size: every rank must hear of it
+                return f"DeepSpeed checkpoint {root / tag}: {type(e).__name__}: {e}"
+
+        def read_own_files() -> str | None:
+            own = sorted((root / tag).glob(f"*zero_pp_rank_{self.env.rank}_mp_rank_*.pt"))
+            for f in own:
+                engine.checkpoint_engine.load(str(f), map_location="cpu")
+            return None if own else f"DeepSpeed checkpoint {root / tag} holds no files of rank {self.env.rank}; {hint}"
+
+        def load() -> str | None:
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+            return None if path is not None else f"DeepSpeed checkpoint {root / tag} does not load; {hint}"
+
+        if self.zero_stage == 3:
+            # ZeRO-3's load ends in a collective (parameters kept whole, `stage3_param_persistence_threshold`,
+            # are all-gathered again): a rank whose files do not load would leave the others waiting in
+            # it. So each rank first reads its own files, and the ranks agree, before DeepSpeed loads.
+            self._agree(attempt(read_own_files))
+        # under ZeRO 0-2 each rank reads its own files, no collective: a failure stays local, then agreed
+        self._agree(attempt(load))
+
+    def _agree(self, error: str | None) -> None:
+        """Every rank stops with the first rank's error, or none does: none waits alone."""
         errors = [error] * self.env.world
         if self.env.world > 1:
             tdist.all_gather_object(errors, error)
@@ -187,27 +223,150 @@ class DeepSpeedStrategy(Strategy):
         if failed:
             raise UserError(f"--resume: {failed[0]}")
 
+    def gathered(self, module: nn.Module):
+        """Under ZeRO-3 (collective): a plain copy of `module` whose tensors are its parameters,
+        all-gathered for the context's duration, and its buffers; the module itself otherwise."""
+        if self.engine is None or self.zero_stage != 3:
+            return contextlib.nullcontext(module)
+        return _gathered(module, self._replica)
+
     def end_stage(self) -> None:
         """Detaches the engine (hooks off) and leaves the student in fp32 with the master weights,
-        so the next stage's probe and `student.pt` see ordinary fp32 parameters."""
+        so the next stage's probe and `student.pt` see ordinary fp32 parameters (under ZeRO-3:
+        all-gathered, collectively, into new plain parameters)."""
         if self.engine is None:
             return
         from deepspeed.utils import safe_get_full_fp32_param
 
         module, engine = self.engine.module, self.engine
         master = {}
+        if self.zero_stage == 3:  # collective: every parameter all-gathered, in the same order on all ranks
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters(list(module.parameters()), modifier_rank=None):
+                whole = {p: p.detach().clone() for p in module.parameters()}
         if self.precision != "fp32":
             for p in module.parameters():
-                full = safe_get_full_fp32_param(p) if p.requires_grad else None
+                full = safe_get_full_fp32_param(p) if p.requires_grad else None  # collective under ZeRO-3
                 if full is not None:
                     master[p] = full.detach().clone()
+        # the engine's forward hooks on the module outlive `destroy` (and keep the engine alive)
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(engine, name, None)
+            if handle is not None:
+                handle.remove()
         engine.destroy()
         self.engine = None
-        if self.precision != "fp32":
+        if self.zero_stage == 3:
+            _unpartition(module, {**whole, **master}, self._attributes)
+            self._attributes, self._replica = {}, None
+            module.float()  # buffers, and frozen parameters, were cast with the module under bf16/fp16
+        elif self.precision != "fp32":
             module.float()
             with torch.no_grad():
                 for p, full in master.items():
                     p.copy_(full.view_as(p))
+
+
+class _WholeForward:
+    """The ZeRO-3 engine, with the student's forward never cut, yet leaving what the cut one leaves.
+
+    FitNets' hint stage cuts the student's forward after its guided layer by raising from that
+    layer's forward hook (`fitdist/features.py`). ZeRO-3 gathers a submodule's parameters in its
+    pre-forward hook and releases them, and pops its module stack, in its post-forward hook; an
+    exception mid-forward would skip the post-forward hooks of the cut module and its ancestors,
+    leaving their parameters gathered and DeepSpeed's module stack and prefetch trace out of step.
+    So the backbone runs to its logits (unused: the hint loss does not reach them), and what the
+    layers after the guided one change is undone when the backbone returns: BatchNorm running
+    statistics (its buffers as the guided layer ended) and the RNG state (dropout draws). The
+    stage then trains as under the other strategies; the extra forward is its cost. (The teacher,
+    outside DeepSpeed, is still cut.)"""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, images: torch.Tensor, teacher_hints=None, need_logits: bool = True):
+        student = self.engine.module
+        last = student.tap.last_path
+        if need_logits or teacher_hints is None or last is None:  # a whole forward anyway
+            return self.engine(images, teacher_hints, need_logits)
+        backbone, cut = student.backbone, {}
+        cuda = images.device if images.device.type == "cuda" else None
+
+        def at_cut(module, args, output):  # where the cut forward would have ended
+            cut["buffers"] = [b.detach().clone() for b in backbone.buffers()]
+            cut["rng"] = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda else None)
+
+        def at_end(module, args, output):
+            # through `.data`: no version bump, which the backward of a BatchNorm before the cut
+            # (it saved its running statistics; their values, nothing after the cut wrote, stay) would refuse
+            for b, saved in zip(backbone.buffers(), cut["buffers"]):
+                b.data.copy_(saved)
+            torch.set_rng_state(cut["rng"][0])
+            if cuda:
+                torch.cuda.set_rng_state(cut["rng"][1], cuda)
+
+        handles = [backbone.get_submodule(last).register_forward_hook(at_cut),
+                   backbone.register_forward_hook(at_end)]
+        try:
+            return self.engine(images, teacher_hints, True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _hollow_copy(module: nn.Module) -> nn.Module:
+    """A copy of a plain `module` whose parameters and buffers hold no data (filled by `_gathered`).
+
+    Its submodules are copies; other objects its modules hold are shared, not copied (the
+    student's FeatureTap, whose compiled forward, with `train.compile`, refers to the run's logger):
+    the copy is only read and run forward, outside training."""
+    internals = set(vars(nn.Module()))
+    shared = {id(v): v for m in module.modules() for k, v in vars(m).items()
+              if k not in internals and not isinstance(v, (nn.Module, torch.Tensor))}
+    replica = copy.deepcopy(module, shared)
+    for t in [*replica.parameters(), *replica.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return replica
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module, replica: nn.Module):
+    """`replica` with `module`'s ZeRO-3 parameters, all-gathered (no copy), and its buffers.
+
+    A forward of `module` itself would run ZeRO-3's hooks, which release each submodule's
+    parameters after it runs and all-gather them again for the next batch: a collective per
+    batch, which ranks with different numbers of validation batches would not all join."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    params = list(zip(module.named_parameters(), replica.named_parameters()))
+    pairs = params + list(zip(module.named_buffers(), replica.named_buffers()))
+    if any(a != b for (a, _), (b, _) in pairs):
+        raise RuntimeError("the student's ZeRO-3 replica no longer matches the student")
+    with GatheredParameters([p for (_, p), _ in params], modifier_rank=None):
+        try:
+            for (_, source), (_, target) in pairs:
+                target.data = source.data
+            yield replica
+        finally:
+            for _, (_, target) in pairs:
+                target.data = torch.empty(0, dtype=target.dtype, device=target.device)
+
+
+def _unpartition(module: nn.Module, values: dict, attributes: dict) -> None:
+    """Turns a ZeRO-3 `module`, its engine destroyed, back into a plain one: new parameters
+    holding `values` (whole tensors by old parameter), in plain parameter dicts, without the
+    attributes DeepSpeed added to its submodules (`attributes`: theirs before the engine)."""
+    new: dict = {}
+    for m in module.modules():
+        plain = {}
+        for name, p in m._parameters.items():  # `items()` does not gather (ZeROOrderedDict's `[]` does)
+            if p is not None and p not in new:
+                new[p] = nn.Parameter(values[p].reshape(p.ds_shape), requires_grad=p.requires_grad)
+            plain[name] = None if p is None else new[p]
+        for name in set(vars(m)) - attributes.get(m, set()):
+            delattr(m, name)  # ds_id, _external_params, _original_parameters, backward hooks' state, ...
+        m._parameters = plain
 
 
 def _prune(root: Path, run_dir: Path) -> None:

@@ -218,29 +218,33 @@ class _Run:
     def _evaluate(self) -> dict:
         """Evaluates the backbone, once per global step at most (a stage end is also the run's end)."""
         if self.evaluated[0] != self.pos.global_step:
-            metrics = evaluate(self.student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
+            with self.strategy.gathered(self.student) as student:  # every rank: ZeRO-3 all-gathers
+                metrics = evaluate(student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
             self.evaluated = (self.pos.global_step, metrics)
         return self.evaluated[1]
 
     def _checkpoint(self, optimizer, scheduler) -> None:
         pos = self.pos
-        if not all(torch.isfinite(p).all() for p in self.student.parameters()):
+        with self.strategy.gathered(self.student) as student:  # every rank: ZeRO-3 all-gathers
+            finite = all(torch.isfinite(p).all() for p in student.parameters())
+        if not finite:
             self.logger.print(f"warning: non-finite weights at step {pos.global_step}; checkpoint not written")
             return
         optimizer_state = self.strategy.optimizer_state(optimizer, self.run_dir, pos.global_step)  # all ranks
-        if self.env.is_main:
-            state = {
-                "position": {**asdict(pos), "wall_time": pos.wall_time + time.perf_counter() - self.started},
-                "student": self.student.state_dict(),
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "scaler": self.strategy.scaler.state_dict(),
-                "rng": rng_state(),
-                "wandb_id": self.logger.run_id,
-                "config": to_dict(self.cfg),
-            }
-            save_checkpoint(self.run_dir, pos.global_step, self.student.backbone.state_dict(), state,
-                            self.cfg.run.keep_checkpoints)
+        with self.strategy.gathered(self.student) as student:
+            if self.env.is_main:
+                state = {
+                    "position": {**asdict(pos), "wall_time": pos.wall_time + time.perf_counter() - self.started},
+                    "student": student.state_dict(),
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": self.strategy.scaler.state_dict(),
+                    "rng": rng_state(),
+                    "wandb_id": self.logger.run_id,
+                    "config": to_dict(self.cfg),
+                }
+                save_checkpoint(self.run_dir, pos.global_step, student.backbone.state_dict(), state,
+                                self.cfg.run.keep_checkpoints)
         dist.barrier()
         self.saved = pos.global_step
 
