@@ -3,7 +3,10 @@
 #   docker build -t fitdist .            # --build-arg BASE=... for another PyTorch/CUDA image
 #   docker run --gpus all --ipc=host -v $PWD/runs:/workspace/runs -e NPROC=8 \
 #     fitdist fitdist/configs/fmnist-fitnets.yaml strategy.kind=ddp
-# devel, not runtime: DeepSpeed compiles some of its ops with nvcc at first use
+# devel, not runtime: DeepSpeed compiles some of its ops with nvcc at first use. Another BASE
+# needs `python` and `pip` on PATH with torch + torchvision installed, in an environment pip may
+# install into (conda as here, or a venv: a distribution's system Python refuses with
+# "externally-managed-environment"), and a C++ compiler (DeepSpeed's CPU ops build at first use).
 ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 FROM ${BASE}
 
