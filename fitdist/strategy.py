@@ -107,6 +107,6 @@ def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str, train: Tra
         from fitdist.strategy_deepspeed import DeepSpeedStrategy  # imports deepspeed
 
         return DeepSpeedStrategy(cfg, env, precision, train)
-    if cfg.kind == "ddp":
-        return DDPStrategy(cfg, env, precision)
+    if cfg.kind == "ddp" and env.world > 1:  # one process (NPROC=1, plain `fitdist train`): no peers,
+        return DDPStrategy(cfg, env, precision)  # no process group, so the module runs unwrapped
     return Strategy(cfg, env, precision)

@@ -46,3 +46,16 @@ def test_two_process_ddp_keeps_ranks_identical_and_matches_one_process(distill_c
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert two["summary"]["val/n"] == one["val/n"] == 10000
     assert abs(two["summary"]["val/top1"] - one["val/top1"]) < 0.5
+
+
+def test_ddp_in_one_process_runs_unwrapped_like_single(distill_config, tmp_path):
+    """`strategy.kind: ddp` launched without peers (NPROC=1, plain `fitdist train`) trains as the
+    single strategy does instead of failing on a process group that was never started."""
+    students = {}
+    for kind in ("ddp", "single"):
+        cfg = load_config(distill_config, [f"strategy.kind={kind}", f"run.dir={tmp_path / kind}"])
+        train(cfg)
+        students[kind] = torch.load(tmp_path / kind / "student.pt", weights_only=True)
+    assert students["ddp"].keys() == students["single"].keys()
+    for key, value in students["single"].items():
+        torch.testing.assert_close(students["ddp"][key], value, rtol=0, atol=0)
