@@ -107,6 +107,8 @@ def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str, train: Tra
         from fitdist.strategy_deepspeed import DeepSpeedStrategy  # imports deepspeed
 
         return DeepSpeedStrategy(cfg, env, precision, train)
-    if cfg.kind == "ddp" and env.world > 1:  # one process (NPROC=1, plain `fitdist train`): no peers,
-        return DDPStrategy(cfg, env, precision)  # no process group, so the module runs unwrapped
+    # DDP needs a process group: `dist.setup` starts one only for several processes (the dry run
+    # starts a 1-process one on purpose); one process alone (NPROC=1) runs the module unwrapped.
+    if cfg.kind == "ddp" and torch.distributed.is_initialized():
+        return DDPStrategy(cfg, env, precision)
     return Strategy(cfg, env, precision)
