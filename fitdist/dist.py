@@ -63,12 +63,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; a collective, through a gloo group of its own.
+
+    The process may exit right after. gloo's worker threads drop a collective's tensors after the
+    caller has its result, taking the GIL to do so; a thread still doing it when the interpreter
+    shuts down ends inside a C++ destructor, and the process aborts (SIGABRT) instead of exiting
+    with its status. `teardown` does not stop the default group's threads while DeepSpeed holds the
+    group; this group's threads are joined when it is destroyed, before this function returns."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    group = dist.new_group(backend="gloo")
+    out = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    return out
 
 
 def barrier() -> None:

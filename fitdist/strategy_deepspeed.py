@@ -216,10 +216,7 @@ class DeepSpeedStrategy(Strategy):
 
     def _agree(self, error: str | None) -> None:
         """Every rank stops with the first rank's error, or none does: none waits alone."""
-        errors = [error] * self.env.world
-        if self.env.world > 1:
-            tdist.all_gather_object(errors, error)
-        failed = [e for e in errors if e is not None]
+        failed = [e for e in dist.gather_objects(error) if e is not None]
         if failed:
             raise UserError(f"--resume: {failed[0]}")
 

@@ -4,7 +4,6 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from fitdist import dist as fdist
 from fitdist.config import load_config
@@ -17,8 +16,7 @@ def main(config: str, out: str, *overrides: str) -> None:
     run = _Run(cfg, env, resume=False)
     summary = run.run()
     state = {k: v.clone() for k, v in run.student.state_dict().items()}  # regressors included
-    gathered = [None] * env.world
-    dist.all_gather_object(gathered, state)
+    gathered = fdist.gather_objects(state)
     if env.is_main:
         mismatched = [k for k in state if not all(torch.equal(g[k], state[k]) for g in gathered)]
         with open(out, "w") as f:
