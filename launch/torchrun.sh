@@ -44,6 +44,9 @@ fi
 extra=()
 if [ "$MAX_RESTARTS" -gt 0 ]; then
   extra+=(run.resume=auto)  # a restarted worker group continues from the latest checkpoint
+  # A fresh store per restart: in the store torchrun shares across restarts, a restarted rank can
+  # read the address its dead predecessor published and fail to connect (pytorch/pytorch#135712).
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 fi
 
 # One intra-op thread per process unless told otherwise (torchrun's own default, said aloud).
