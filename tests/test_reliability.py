@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, write_config
+
 from fitdist import checkpoint
 from fitdist.config import load_config
 from fitdist.errors import UserError
@@ -113,7 +113,7 @@ def test_a_crash_or_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     assert [p.name for p in checkpoint.list_checkpoints(cfg.run_dir)] == ["step-00000002"]
     assert not any(p.name.startswith(".tmp") for p in (cfg.run_dir / "checkpoints").iterdir())
-    path_, state = checkpoint.load_checkpoint(cfg.run_dir)
+    _, state = checkpoint.load_checkpoint(cfg.run_dir)
     assert state["position"]["global_step"] == 2
 
 
@@ -126,7 +126,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp
     latest = cfg.run_dir / "checkpoints" / "step-00000006" / "trainer.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match="step-00000006 does not load"):
-        found, state = checkpoint.load_checkpoint(cfg.run_dir)
+        found, _ = checkpoint.load_checkpoint(cfg.run_dir)
     assert found.name == "step-00000004"
     (cfg.run_dir / "student.pt").unlink()
     with pytest.warns(UserWarning, match="trying the previous one"):

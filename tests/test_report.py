@@ -6,8 +6,8 @@ import shutil
 import statistics
 
 import pytest
-from conftest import STUDENT, TEACHER, run_cli, write_config
 import torch
+from conftest import STUDENT, TEACHER, run_cli, write_config
 from PIL import Image
 
 from fitdist.config import load_config
