@@ -16,6 +16,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from fitdist.errors import UserError, did_you_mean
+from fitdist.kernels import IMPLS
+from fitdist.losses import HINT_REDUCTIONS
+from fitdist.regressors import REGRESSOR_KINDS
 
 Weight = float | list[float]  # a constant, or [start, end] annealed linearly over the stage
 
@@ -37,19 +40,22 @@ class TeacherConfig(ModelConfig):
 class HintConfig:
     student: str = ""  # module path of the guided layer in the student
     teacher: str = ""  # module path of the hint layer in the teacher
-    regressor: Literal["auto", "conv", "adaptive", "linear"] = "auto"  # see fitdist/regressors.py
+    regressor: Literal[REGRESSOR_KINDS] = "auto"  # see fitdist/regressors.py
     bn: bool = False  # BatchNorm after the regressor
-    relu: bool = False  # ReLU after the regressor (match the teacher hint's non-linearity)
+    # ReLU after the regressor. The paper gives the regressor the hint layer's non-linearity: true
+    # when the teacher's hint is post-ReLU (fitdist:fitnet `convN`, ResNet `layerN`), false when it
+    # can be negative (a pre-activation such as a WRN block's residual sum, a maxout output)
+    relu: bool = False
 
 
 @dataclass
 class LossConfig:
     temperature: float = 3.0  # KD temperature τ (FitNets default 3)
-    hint_reduction: Literal["mean", "paper"] = "mean"  # mean: MSE; paper: ½·Σ(diff²)/batch
+    hint_reduction: Literal[HINT_REDUCTIONS] = "mean"  # mean: MSE; paper: ½·Σ(diff²)/batch
     # KD term as λ·T²·KL (Hinton et al.); false: λ·KL, the scale of FitNets' λ·H(P_t^τ, P_s^τ),
     # with which the paper's λ 4→1 was chosen (the two differ by T², i.e. 9× at τ = 3)
     kd_t2: bool = True
-    impl: Literal["auto", "fused", "triton", "reference"] = "auto"  # see fitdist/kernels (auto: fused)
+    impl: Literal[IMPLS] = "auto"  # see fitdist/kernels (auto: fused)
 
 
 @dataclass
@@ -76,10 +82,13 @@ class StageConfig:
     name: str = "train"
     steps: int = 1000  # optimizer steps in this stage
     ce: Weight = 1.0  # weight of cross-entropy with the labels
-    kd: Weight = 0.0  # λ: weight of the KD term; [4, 1] anneals linearly (FitNets stage 2)
+    # λ: weight of the KD term; [4, 1] anneals linearly (FitNets stage 2). By default λ multiplies
+    # T²·KL(P_t^τ ‖ P_s^τ), Hinton's scale; loss.kd_t2: false makes it multiply the KL alone, the
+    # scale of FitNets' λ·H(P_t^τ, P_s^τ) for which its λ 4 → 1 was chosen (T² = 9× less at τ = 3)
+    kd: Weight = 0.0
     hint: Weight = 0.0  # weight of the hint loss(es)
     trainable: Literal["auto", "all"] = "auto"  # auto: freeze what the stage's losses do not reach
-    optim: OptimConfig | None = None  # replaces the top-level optim for this stage
+    optim: OptimConfig | None = None  # this stage's keys over the top-level optim (None: that one)
 
 
 @dataclass
@@ -184,6 +193,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        inner = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):  # errors inside name their key
+            return _build(inner, value, key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -328,12 +340,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise UserError(f"{path}: the top level must be a mapping")
         data.setdefault("name", path.stem)
+    # Overrides edit the data as written (no defaults filled in), so that a stage's optim block
+    # holds only the keys the user set when it is merged over the top-level one below.
     for text in overrides:
-        key, value = parse_override(text)
-        merged = to_dict(_build(Config, data))  # defaults filled in so every key can be reached
-        _set_dotted(merged, Config, key, value)
-        data = merged
-    return validate(_build(Config, data))
+        _build(Config, data)  # type-checked before _set_dotted descends into it
+        _set_dotted(data, Config, *parse_override(text))
+    _build(Config, data)  # errors name keys where they were written, before the merge copies them
+    return validate(_build(Config, _merge_stage_optims(data)))
+
+
+def _merge_stage_optims(data: dict) -> dict:
+    """Each stage's `optim` keys over the top-level `optim` block, both as the user wrote them."""
+    top = data.get("optim") or {}
+    for stage in data.get("stages") or []:
+        if stage.get("optim") is not None:
+            stage["optim"] = {**top, **stage["optim"]}
+    return data
 
 
 def validate(cfg: Config) -> Config:

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import yaml
 
-from fitdist.config import OptimConfig
+from fitdist.config import OptimConfig, load_config
 from fitdist.schedule import build_optimizer, build_scheduler, lr_factor, weight_at
 
 
@@ -44,3 +45,44 @@ def test_optimizers_and_scheduler_step_the_lr(name):
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.2, 0.2, 0.1, 0.1])
+
+
+# what each optimizer reads from the config: OptimConfig field -> torch param_group key
+HYPERPARAMS = {
+    "sgd": {"momentum": "momentum", "nesterov": "nesterov", "weight_decay": "weight_decay"},
+    "adamw": {"betas": "betas", "eps": "eps", "weight_decay": "weight_decay"},
+    "rmsprop": {"alpha": "alpha", "eps": "eps", "momentum": "momentum", "weight_decay": "weight_decay"},
+}
+# values unlike every default, so a field that is dropped on the way cannot pass unnoticed
+CUSTOM = {"momentum": 0.7, "nesterov": True, "weight_decay": 0.0123, "betas": [0.8, 0.95], "eps": 1e-6,
+          "alpha": 0.5}
+
+
+def check_param_group(opt: torch.optim.Optimizer, name: str, lr: float) -> None:
+    assert type(opt).__name__.lower() == name
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(lr)
+    for field, key in HYPERPARAMS[name].items():
+        value = tuple(CUSTOM[field]) if field == "betas" else CUSTOM[field]
+        assert group[key] == pytest.approx(value), field
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_optimizer_hyperparameters_reach_the_param_groups(name):
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = OptimConfig(name=name, lr=0.2, **CUSTOM)
+    check_param_group(build_optimizer([p], cfg, 0.3), name, 0.3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_a_stage_optim_override_keeps_the_top_level_hyperparameters(tmp_path, name):
+    # the top-level block sets everything; stage 1 changes only its lr, in the YAML or on the command line
+    stages = [{"steps": 5}, {"steps": 5, "optim": {"lr": 0.003}}]
+    in_yaml, on_cli = tmp_path / "yaml.yaml", tmp_path / "cli.yaml"
+    in_yaml.write_text(yaml.safe_dump({"optim": {"name": name, "lr": 0.2, **CUSTOM}, "stages": stages}))
+    on_cli.write_text(yaml.safe_dump({"optim": {"name": name, "lr": 0.2, **CUSTOM}, "stages": stages[:1] * 2}))
+    p = torch.nn.Parameter(torch.zeros(3))
+    for cfg in (load_config(in_yaml), load_config(on_cli, ["stages.1.optim.lr=0.003"])):
+        optim = cfg.stages[1].optim or cfg.optim
+        assert optim.lr == 0.003
+        check_param_group(build_optimizer([p], optim, optim.lr), name, 0.003)
