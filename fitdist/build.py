@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fitdist.config import Config
 from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.errors import UserError
+from fitdist.features import FeatureTap
 from fitdist.models import build_model
 from fitdist.regressors import build_regressor
 
@@ -29,21 +29,34 @@ def build_teacher(cfg: Config, data: DataBundle) -> FrozenTeacher | None:
 def build_student(cfg: Config, data: DataBundle, teacher: FrozenTeacher | None) -> Student:
     """The student backbone and one regressor per hint pair, sized by a probe forward."""
     backbone = build_model(cfg.student, data.num_classes, data.in_channels, where="student")
-    student = Student(backbone, [h.student for h in cfg.hints], [], cfg.loss.hint_reduction, cfg.loss.impl)
+    paths = [h.student for h in cfg.hints]
     if teacher is None:
-        return student
+        return Student(backbone, [], [], cfg.loss.hint_reduction, cfg.loss.impl)
     x = probe_input(data)
+    probe = FeatureTap(backbone, paths, where="student hint")
     backbone.eval()
-    with torch.no_grad():
-        t_logits, t_feats = teacher.tap.probe(x)
-        _, s_feats = student.tap.probe(x)
-    backbone.train()
+    try:
+        with torch.no_grad():
+            t_logits, t_feats = teacher.tap.probe(x)
+            _, s_feats = probe.probe(x)
+    finally:
+        probe.remove()
+        backbone.train()
     if t_logits.shape[-1] != data.num_classes:
         raise UserError(
             f"teacher.name: the teacher predicts {t_logits.shape[-1]} classes but the data has {data.num_classes}"
         )
-    student.regressors = nn.ModuleList(
+    regressors = [
         build_regressor(sf.shape[1:], tf.shape[1:], h.regressor, h.bn, h.relu, where=f"hints.{i}")
         for i, (h, sf, tf) in enumerate(zip(cfg.hints, s_feats, t_feats))
-    )
-    return student
+    ]
+    return Student(backbone, paths, regressors, cfg.loss.hint_reduction, cfg.loss.impl)
+
+
+def place(cfg: Config, student: Student, teacher: FrozenTeacher | None, device: torch.device) -> None:
+    """Moves both models to `device`, the student in its configured memory format."""
+    student.to(device)
+    if cfg.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device)

@@ -28,8 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-from fitdist.config import Config, StageConfig, nonzero_weight
-from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
+from fitdist.config import Config, StageConfig
+from fitdist.distiller import FrozenTeacher, Student
+from fitdist.stage import probe_backward
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -95,24 +96,17 @@ def check_stage(cfg: Config, stage: StageConfig, student: Student, teacher: Froz
     micro-batch's shape) under `autocast` (the strategy's), after `set_trainable`; weights,
     buffers and RNG are left untouched. Returns a one-line note of what compiled."""
     started = time.perf_counter()
-    buffers = {k: v.clone() for k, v in student.state_dict().items()}
-    weights = {t: float(nonzero_weight(getattr(stage, t))) for t in TERMS}
-    labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
     run = student.tap.run
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        student.train()
-        with autocast():
-            terms = Distiller(student, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)(x, labels, weights)
+
+    def backward(loss: torch.Tensor) -> None:  # the compiled backward is built here, at its first call
         try:
-            if terms["loss"].requires_grad:
-                terms["loss"].backward()  # the compiled backward is built here, at its first call
+            loss.backward()
         except Exception as e:  # if it was not the compiler, the first eager step raises it again
             if not isinstance(run, CompiledRun) or run.compiled is None:
                 raise
             run.fall_back(e)
-    for p in student.parameters():
-        p.grad = None
-    student.load_state_dict(buffers)
+
+    probe_backward(cfg, stage, student, teacher, x, cfg.loss.impl, autocast, backward)
     names = [name for name, status in compiled(student, teacher).items() if status == "compiled"]
     return f"compiled {' and '.join(names)} ({time.perf_counter() - started:.0f} s)" if names else ""
 

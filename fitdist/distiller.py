@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitdist import losses
+from fitdist import kernels
+from fitdist.errors import UserError
 from fitdist.features import FeatureTap
+from fitdist.precision import autocast
 
 TERMS = ("ce", "kd", "hint")
 
@@ -27,8 +31,7 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.tap = FeatureTap(model, hint_paths, where="teacher hint")
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.channels_last = channels_last
+        self.precision, self.channels_last = precision, channels_last
         super().train(False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -38,15 +41,19 @@ class FrozenTeacher(nn.Module):
     def forward(self, images: torch.Tensor, need_logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(images.device, self.precision):
             return self.tap(images, stop_early=not need_logits)
 
 
 class Student(nn.Module):
     """Backbone + regressors; `forward` also returns the hint losses so DDP sees every parameter."""
 
-    def __init__(self, backbone: nn.Module, guided_paths: list[str], regressors: list[nn.Module], hint_reduction: str = "mean", loss_impl: str = "auto"):
+    def __init__(self, backbone: nn.Module, guided_paths: list[str], regressors: list[nn.Module],
+                 hint_reduction: str = "mean", loss_impl: str = "auto"):
         super().__init__()
+        if len(regressors) != len(guided_paths):
+            raise ValueError(f"Student: {len(guided_paths)} guided layers {guided_paths} but "
+                             f"{len(regressors)} regressors: one regressor per hint pair")
         self.backbone = backbone
         self.regressors = nn.ModuleList(regressors)
         self.tap = FeatureTap(backbone, guided_paths, where="student hint")
@@ -56,63 +63,70 @@ class Student(nn.Module):
         """`(logits or None, [hint loss per pair])`; the forward stops at the guided layer without logits."""
         if teacher_hints is None:
             return self.tap.run(images), []  # the plain forward (compiled with train.compile)
+        if len(teacher_hints) != len(self.regressors):
+            raise ValueError(f"Student: {len(teacher_hints)} teacher hints for {len(self.regressors)} "
+                             "hint pairs: one teacher hint per guided layer")
         logits, feats = self.tap(images, stop_early=not need_logits)
         hint_losses = [
-            hint_term(f, r, t, self.hint_reduction, self.loss_impl)
+            kernels.fused_hint_loss(f, r, t, self.hint_reduction, impl=self.loss_impl)
             for f, r, t in zip(feats, self.regressors, teacher_hints)
         ]
         return logits, hint_losses
 
 
-def hint_term(feats: torch.Tensor, regressor: nn.Module, hint: torch.Tensor, reduction: str, impl: str) -> torch.Tensor:
-    """`hint_loss(regressor(feats), hint)`, fused with the regressor where a kernel applies."""
-    if impl != "reference":
-        from fitdist import kernels
+def used_terms(weights: dict[str, float | list[float]]) -> frozenset[str]:
+    """The terms a stage computes: those whose weight is not zero at every step."""
+    return frozenset(t for t in TERMS if any(v != 0 for v in _as_list(weights.get(t, 0.0))))
 
-        if kernels.supports_fused_hint(regressor):
-            return kernels.fused_hint_loss(feats, regressor, hint, reduction=reduction, impl=impl)
-    return losses.hint_loss(regressor(feats), hint, reduction)
+
+def _as_list(w) -> list[float]:
+    return list(w) if isinstance(w, (list, tuple)) else [w]
 
 
 class Distiller:
-    """Loss terms of one micro-batch: `{"loss", "ce", "kd", "hint"}` (terms with weight 0 omitted)."""
+    """Loss terms of one micro-batch: `{"loss", "ce", "kd", "hint"}` (terms not computed omitted).
+
+    `terms` fixes which terms are computed, whatever their weight at a given step: a stage whose
+    weight passes through 0 (`hint: [0, 1]`) still runs the same graph on every step, so DDP sees
+    the same parameters receive gradients each time. Without it, the terms with a non-zero weight
+    in each call are computed. `kd` is the term λ multiplies: `T²·KL(p_t^T ‖ p_s^T)`, or with
+    `kd_t2=False` the KL alone (FitNets' scale), so `loss = Σ weight·term` for the logged terms.
+    """
 
     def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, temperature: float, loss_impl: str = "auto",
-                 kd_t2: bool = True):
+                 kd_t2: bool = True, terms: Iterable[str] | None = None):
         self.student, self.teacher = student, teacher
         self.temperature, self.loss_impl = temperature, loss_impl
-        # the logged `kd` term is always kd_loss (with T²); without kd_t2 its weight is divided by T²
-        self.kd_scale = 1.0 if kd_t2 else 1.0 / temperature**2
+        self.kd_scale = 1.0 if kd_t2 else 1.0 / temperature**2  # kd_loss carries T²; without kd_t2, undo it
+        self.terms = None if terms is None else frozenset(terms)
+        if self.terms is not None and not self.terms <= set(TERMS):
+            raise ValueError(f"Distiller: terms must be among {TERMS}, got {sorted(self.terms)}")
+        if teacher is None and self.terms and self.terms & {"kd", "hint"}:
+            raise UserError("Distiller: the kd and hint terms need a teacher")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
-        use = {t: weights.get(t, 0.0) != 0 for t in TERMS}
-        need_logits = use["ce"] or use["kd"]
+        use = self.terms if self.terms is not None else used_terms(weights)
+        w = {t: float(weights.get(t, 0.0)) for t in TERMS}
+        need_logits = "ce" in use or "kd" in use
         t_logits, t_hints = None, None
-        if self.teacher is not None and (use["kd"] or use["hint"]):
-            t_logits, t_hints = self.teacher(images, need_logits=use["kd"])
-        s_logits, hint_losses = self.student(images, t_hints if use["hint"] else None, need_logits)
+        if "kd" in use or "hint" in use:
+            t_logits, t_hints = self.teacher(images, need_logits="kd" in use)
+        s_logits, hint_losses = self.student(images, t_hints if "hint" in use else None, need_logits)
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=images.device)
-        if need_logits:
-            scaled = {**weights, "kd": weights.get("kd", 0.0) * self.kd_scale}
-            loss, terms = self._logit_loss(s_logits, t_logits, labels, scaled, use)
-        if use["hint"]:
-            terms["hint"] = torch.stack(hint_losses).sum()
-            loss = loss + weights["hint"] * terms["hint"]
+        if "kd" in use:  # one fused pass over the logits for ce and kd (fitdist/kernels)
+            out = kernels.fused_kd_ce_loss(s_logits, t_logits, labels if "ce" in use else None, self.temperature,
+                                           w["ce"], w["kd"] * self.kd_scale, impl=self.loss_impl)
+            loss, terms["kd"] = out.loss, out.kd * self.kd_scale
+            if out.ce is not None:
+                terms["ce"] = out.ce
+        elif "ce" in use:
+            terms["ce"] = F.cross_entropy(s_logits.float(), labels)
+            loss = w["ce"] * terms["ce"]
+            terms["ce"] = terms["ce"].detach()
+        if "hint" in use:
+            hint = torch.stack(hint_losses).sum()
+            loss = loss + w["hint"] * hint
+            terms["hint"] = hint.detach()
         terms["loss"] = loss
         return terms
-
-    def _logit_loss(self, s_logits, t_logits, labels, weights, use) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`ce_weight·ce + λ·kd` and its terms; with KD, one fused pass over the logits."""
-        if use["kd"] and self.loss_impl != "reference":
-            from fitdist import kernels
-
-            out = kernels.fused_kd_ce_loss(s_logits, t_logits, labels if use["ce"] else None, self.temperature,
-                                           weights["ce"], weights["kd"], impl=self.loss_impl)
-            return out.loss, {"kd": out.kd, **({"ce": out.ce} if use["ce"] else {})}
-        terms = {}
-        if use["ce"]:
-            terms["ce"] = F.cross_entropy(s_logits.float(), labels)
-        if use["kd"]:
-            terms["kd"] = losses.kd_loss(s_logits, t_logits, self.temperature)
-        return sum(weights[t] * v for t, v in terms.items()), terms

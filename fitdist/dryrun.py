@@ -1,10 +1,11 @@
 """`fitdist train CONFIG --dry-run`: check a config end to end without reading any data.
 
 Builds the student and teacher on a synthetic `DataBundle` of the config's shape, probes the hint
-shapes and sizes the regressors exactly as a real run does (`build_student`), then runs one
-optimizer step per stage on random images through the real path (`set_trainable`,
-`build_strategy(...).prepare`, `Distiller`, `strategy.step`). A recipe whose keys, model names,
-hint paths, regressor shapes or stage weights are wrong fails here in seconds, not on the cluster.
+shapes and sizes the regressors exactly as a real run does (`build_student`), then runs each
+stage's first and last optimizer step on random images through the training step itself
+(`fitdist.stage`: trainable set, learning rate, strategy, distiller, micro-steps). A recipe whose
+keys, model names, hint paths, regressor shapes or stage weights are wrong fails here in seconds,
+not on the cluster.
 
 The teacher's weights file normally does not exist yet (it is the output of the teacher's own
 run): the teacher then keeps random weights, and the output says so. A `ddp` strategy is checked
@@ -17,20 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
 from fitdist import dist
-from fitdist.build import build_student
-from fitdist.compile import check_stage, compile_models, compiled
+from fitdist.build import build_student, place
+from fitdist.compile import compile_models, compiled
 from fitdist.config import Config
 from fitdist.data import DataBundle
-from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
+from fitdist.distiller import FrozenTeacher, Student
 from fitdist.errors import UserError
 from fitdist.models import build_model, count_macs, count_params
-from fitdist.schedule import weight_at
+from fitdist.stage import Window, prepare_stage, stage_weights, train_step
 from fitdist.strategy import build_strategy
 
 DRY_BATCH = 4  # images per dry-run step: >1 so BatchNorm in train mode has statistics
@@ -151,9 +153,7 @@ def _process_group(kind: str):
 
 
 def dry_run(cfg: Config) -> dict:
-    """Builds everything, probes hints, runs one step per stage; returns a JSON-able summary."""
-    from fitdist.trainer import set_trainable  # trainer imports heavy modules; keep this one light
-
+    """Builds everything, probes hints, runs each stage's end steps; returns a JSON-able summary."""
     env = dist.DistEnv(device=dist.pick_device(cfg.train.device, 0))
     torch.manual_seed(cfg.seed)
     data = synthetic_data(cfg)
@@ -187,8 +187,7 @@ def dry_run(cfg: Config) -> dict:
             "macs": count_macs(teacher.model, probe),
             "weights": teacher_note,
         }
-        teacher.to(env.device)
-    student.to(env.device)
+    place(cfg, student, teacher, env.device)
     if cfg.train.compile:
         compile_models(cfg, student, teacher, warn=lambda text: None)  # reported below instead
     with _process_group(cfg.strategy.kind):
@@ -196,49 +195,42 @@ def dry_run(cfg: Config) -> dict:
             " (1-process gloo group)" if cfg.strategy.kind == "ddp" else ""
         )
         result["stages"] = [
-            _stage_step(cfg, i, student, teacher, data, env, set_trainable)
-            for i in range(len(cfg.stages))
+            _stage_steps(cfg, i, student, teacher, data, env) for i in range(len(cfg.stages))
         ]
     if cfg.train.compile:
         result["compile"] = compiled(student, teacher)
     return result
 
 
-def _stage_step(
-    cfg: Config, index: int, student: Student, teacher, data: DataBundle, env, set_trainable
-) -> dict:
-    """One optimizer step of stage `index` on random data, as `trainer._Run._run_stage` does it."""
+def _stage_steps(cfg: Config, index: int, student: Student, teacher, data: DataBundle, env) -> dict:
+    """Stage `index` on random data through the training step itself (`fitdist.stage`): its first
+    step and, for a stage of several steps, its last, so a weight schedule's both ends run
+    (`hint: [0, 1]` computes a term of weight 0 at one end)."""
     stage = cfg.stages[index]
-    strategy = build_strategy(cfg.strategy, env, cfg.train.precision)
-    x = torch.randn(2, data.in_channels, *data.image_size, device=env.device)
-    set_trainable(student, teacher, stage, x, cfg)
-    if cfg.train.compile:
-        images = torch.randn(DRY_BATCH, data.in_channels, *data.image_size, device=env.device)
-        check_stage(cfg, stage, student, teacher, images, strategy.autocast)
-    optim = stage.optim or cfg.optim
-    model, optimizer, scheduler = strategy.prepare(student, optim, optim.lr, stage.steps)
-    distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)
-    weights = {t: weight_at(getattr(stage, t), 0, stage.steps) for t in TERMS}
-    images, labels = next(data.train_batches(index))
-    images, labels = images.to(env.device), labels.to(env.device)
+    strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
+    prepared = prepare_stage(cfg, stage, student, teacher, strategy, env.world, DRY_BATCH,
+                             (data.in_channels, *data.image_size))
+    batches = data.train_batches(index)
     student.train()
-    with strategy.microstep(model, sync=True), strategy.autocast():
-        terms = distiller(images, labels, weights)
-    strategy.backward(terms["loss"])
-    grad_norm, stepped = strategy.step(optimizer, optim.max_grad_norm)
-    scheduler.step()
+    checked = []
+    for step in sorted({0, stage.steps - 1}):
+        window, weights = Window(), stage_weights(stage, step)
+        _, stepped = train_step(cfg, prepared, strategy, batches, weights, env.device, window)
+        row = window.flush(env.device, env.world)
+        terms = {k.removeprefix("train/"): v for k, v in row.items() if k.startswith("train/") and k != "train/skipped_steps"}
+        if not stepped or not all(math.isfinite(v) for v in terms.values()):
+            raise UserError(f"stages.{index} ({stage.name}): the dry-run step {step} is not finite: {terms}")
+        checked.append({"step": step, "weights": weights, "terms": terms, "grad_norm": row["grad_norm"]})
     strategy.end_stage()  # as after a stage: DeepSpeed's engine detached, ZeRO-3's parameters whole again
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    if not stepped or not all(torch.isfinite(torch.tensor(list(values.values())))):
-        raise UserError(f"stages.{index} ({stage.name}): the dry-run step is not finite: {values}")
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    first = checked[0]
     return {
         "name": stage.name,
         "steps": stage.steps,
-        "optim": optim.name,
-        "lr": optim.lr,
-        "weights": weights,
-        "trainable_params": trainable,
-        "terms": values,
-        "grad_norm": grad_norm,
+        "optim": prepared.optim.name,
+        "lr": prepared.lr,
+        "weights": first["weights"],
+        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "terms": first["terms"],
+        "grad_norm": first["grad_norm"],
+        **({"last": checked[-1]} if len(checked) > 1 else {}),
     }

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitdist.dist import all_reduce_sum
+from fitdist.precision import autocast
 
 
 @torch.no_grad()
@@ -16,12 +17,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precisio
     """`{"val/top1", "val/top5", "val/loss", "val/n"}` of `model` over every rank's share."""
     was_training = model.training
     model.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # correct@1, correct@5, summed loss, count: one tensor so one all-reduce
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, precision):
             logits = model(images).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

@@ -19,9 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fitdist.config import OptimConfig, StrategyConfig, TrainConfig
 from fitdist.dist import DistEnv
+from fitdist.precision import autocast
 from fitdist.schedule import build_optimizer, build_scheduler
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Strategy:
@@ -29,18 +28,19 @@ class Strategy:
 
     def __init__(self, cfg: StrategyConfig, env: DistEnv, precision: str):
         self.cfg, self.env = cfg, env
-        self.dtype = DTYPES[precision]
+        self.precision = precision
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, find_unused: bool) -> nn.Module:
         return module
 
-    def prepare(self, module: nn.Module, optim: OptimConfig, lr: float, total_steps: int):
-        """`(model to call, optimizer, scheduler)` for one stage over the trainable parameters."""
+    def prepare(self, module: nn.Module, optim: OptimConfig, lr: float, total_steps: int, find_unused: bool = False):
+        """`(model to call, optimizer, scheduler)` for one stage over the trainable parameters.
+        `find_unused`: some trainable parameters get no gradient in this stage (`trainable: all`)."""
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optim, lr)
-        return self.wrap(module), optimizer, build_scheduler(optimizer, total_steps, optim)
+        return self.wrap(module, find_unused), optimizer, build_scheduler(optimizer, total_steps, optim)
 
     def microstep(self, model: nn.Module, sync: bool):
         """Context around one micro-batch's forward and backward; `sync` on the last of a step."""
@@ -48,7 +48,7 @@ class Strategy:
 
     def autocast(self):
         """Context around the student's forward (not its backward)."""
-        return torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+        return autocast(self.env.device, self.precision)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -89,12 +89,13 @@ class Strategy:
 class DDPStrategy(Strategy):
     """DistributedDataParallel over the student + regressors; the teacher stays outside."""
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, find_unused: bool) -> nn.Module:
         if self.cfg.sync_bn:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        # Stages freeze what their losses do not reach, so no unused parameters remain.
-        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
+        # `trainable: auto` freezes what a stage's losses do not reach, so DDP's per-step search
+        # for unused parameters is needed only for `trainable: all` stages that leave some unreached.
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
     def microstep(self, model: nn.Module, sync: bool):
         # Gradients are all-reduced only on the last micro-batch of an optimizer step.

@@ -111,10 +111,10 @@ class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine over the student + regressors; the teacher stays outside, as under DDP."""
 
     def __init__(self, cfg: StrategyConfig, env: DistEnv, precision: str, train: TrainConfig | None = None):
+        super().__init__(cfg, env, precision)
         # DeepSpeed scales fp16 losses itself: fitdist's GradScaler stays disabled (state {}).
-        super().__init__(cfg, env, "fp32")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # for autocast
-        self.precision, self.train = precision, train or TrainConfig()
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=False)
+        self.train = train or TrainConfig()
         self.user = load_user_config(cfg.deepspeed_config)
         deepspeed_config(self.user, self.train, precision, env.world, None)  # fail before any work
         self.engine = None
@@ -124,7 +124,7 @@ class DeepSpeedStrategy(Strategy):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _ensure_process_group()
 
-    def prepare(self, module: nn.Module, optim: OptimConfig, lr: float, total_steps: int):
+    def prepare(self, module: nn.Module, optim: OptimConfig, lr: float, total_steps: int, find_unused: bool = False):
         import deepspeed
 
         self.end_stage()
@@ -284,13 +284,12 @@ class _WholeForward:
 
     def __call__(self, images: torch.Tensor, teacher_hints=None, need_logits: bool = True):
         student = self.engine.module
-        last = student.tap.last_path
-        if need_logits or teacher_hints is None or last is None:  # a whole forward anyway
+        if need_logits or teacher_hints is None or not student.tap.paths:  # a whole forward anyway
             return self.engine(images, teacher_hints, need_logits)
         backbone, cut = student.backbone, {}
         cuda = images.device if images.device.type == "cuda" else None
 
-        def at_cut(module, args, output):  # where the cut forward would have ended
+        def at_cut():  # where the cut forward would have ended: the last guided feature is out
             cut["buffers"] = [b.detach().clone() for b in backbone.buffers()]
             cut["rng"] = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda else None)
 
@@ -303,13 +302,13 @@ class _WholeForward:
             if cuda:
                 torch.cuda.set_rng_state(cut["rng"][1], cuda)
 
-        handles = [backbone.get_submodule(last).register_forward_hook(at_cut),
-                   backbone.register_forward_hook(at_end)]
+        student.tap.on_complete = at_cut
+        handle = backbone.register_forward_hook(at_end)
         try:
             return self.engine(images, teacher_hints, True)
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+            student.tap.on_complete = None
 
 
 def _hollow_copy(module: nn.Module) -> nn.Module:

@@ -16,18 +16,17 @@ from pathlib import Path
 import torch
 
 from fitdist import dist
-from fitdist.build import build_student, build_teacher, probe_input
+from fitdist.build import build_student, build_teacher, place, probe_input
 from fitdist.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_file, set_rng_state
-from fitdist.compile import check_stage, compile_models, eager
-from fitdist.config import Config, StageConfig, dump_config, nonzero_weight, to_dict
+from fitdist.compile import compile_models
+from fitdist.config import Config, StageConfig, dump_config, to_dict
 from fitdist.data import build_data
-from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student
 from fitdist.errors import UserError
 from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
 from fitdist.models import count_macs, count_params
 from fitdist.preemption import Preempted, PreemptionGuard
-from fitdist.schedule import weight_at
+from fitdist.stage import PreparedStage, Window, prepare_stage, stage_weights, train_step
 from fitdist.strategy import build_strategy
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
@@ -79,11 +78,7 @@ class _Run:
         self.teacher = build_teacher(cfg, self.data)
         torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed alone
         self.student = build_student(cfg, self.data, self.teacher)
-        self.student.to(env.device)
-        if cfg.train.channels_last:
-            self.student.to(memory_format=torch.channels_last)
-        if self.teacher is not None:
-            self.teacher.to(env.device)
+        place(cfg, self.student, self.teacher, env.device)
         self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
 
         self.pos, self.saved, self.evaluated = Position(), None, (None, {})
@@ -134,55 +129,33 @@ class _Run:
 
     def _run_stage(self, stage: StageConfig) -> None:
         cfg, env, pos = self.cfg, self.env, self.pos
-        set_trainable(self.student, self.teacher, stage, probe_input(self.data).to(env.device), cfg)
-        if cfg.train.compile:
-            x = probe_input(self.data, batch=self.micro_batch).to(env.device)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            note = check_stage(cfg, stage, self.student, self.teacher, x, self.strategy.autocast)
-            if note:
-                self.logger.print(f"stage {stage.name}: {note}")
-        optim = stage.optim or cfg.optim
-        lr = optim.lr * (env.world if optim.scale_lr == "linear" else 1)
-        self.logger.print(f"stage {stage.name}: lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size "
-                          f"{env.world})" if optim.scale_lr == "linear" else " (optim.scale_lr=none)"))
-        model, optimizer, scheduler = self.strategy.prepare(self.student, optim, lr, stage.steps)
+        prepared = prepare_stage(cfg, stage, self.student, self.teacher, self.strategy, env.world,
+                                 self.micro_batch, (self.data.in_channels, *self.data.image_size))
+        for note in prepared.notes:
+            self.logger.print(f"stage {stage.name}: {note}")
         if self.resumed_state is not None:  # continue the stage the checkpoint was taken in
             st, self.resumed_state = self.resumed_state, None
-            self.strategy.load_optimizer_state(optimizer, st, self.run_dir)  # collective for DeepSpeed
-            scheduler.load_state_dict(st["scheduler"])
+            self.strategy.load_optimizer_state(prepared.optimizer, st, self.run_dir)  # collective for DeepSpeed
+            prepared.scheduler.load_state_dict(st["scheduler"])
             self.strategy.scaler.load_state_dict(st["scaler"])
             set_rng_state(st["rng"])
-        distiller = Distiller(model, self.teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2)
         batches = self.data.train_batches(pos.microbatch)
-        accum, window = cfg.train.grad_accum, _Window()
+        window = Window()
         self.student.train()
         while pos.step < stage.steps:
-            weights = {t: weight_at(getattr(stage, t), pos.step, stage.steps) for t in TERMS}
-            for micro in range(accum):
-                images, labels = next(batches)
-                images = images.to(env.device, non_blocking=True)
-                labels = labels.to(env.device, non_blocking=True)
-                if cfg.train.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with self.strategy.microstep(model, sync=micro == accum - 1):
-                    with self.strategy.autocast():
-                        terms = distiller(images, labels, weights)
-                    self.strategy.backward(terms["loss"] / accum)
-                window.add(terms, len(labels) * env.world)
-            grad_norm, stepped = self.strategy.step(optimizer, optim.max_grad_norm)
-            window.step(grad_norm, stepped)
+            weights = stage_weights(stage, pos.step)
+            _, stepped = train_step(cfg, prepared, self.strategy, batches, weights, env.device, window)
             self._check_finite(stepped)
-            scheduler.step()
-            pos.step, pos.global_step, pos.microbatch = pos.step + 1, pos.global_step + 1, pos.microbatch + accum
-            self._every_step(stage, window, weights, scheduler.get_last_lr()[0], optimizer, scheduler)
+            pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
+            pos.microbatch += cfg.train.grad_accum
+            self._every_step(stage, window, prepared)
             if self.guard.requested(env.device):  # preemption: the step is done, save it and leave
                 if self.saved != pos.global_step:
-                    self._checkpoint(optimizer, scheduler)
+                    self._checkpoint(prepared)
                 raise Preempted(pos.global_step)
         if self.saved != pos.global_step:  # end of stage: evaluate and checkpoint once
-            self._log_row(stage, window, weights, scheduler.get_last_lr()[0], evaluate_now=True)
-            self._checkpoint(optimizer, scheduler)
+            self._log_row(stage, window, evaluate_now=True)
+            self._checkpoint(prepared)
         self.strategy.end_stage()
 
     def _check_finite(self, stepped: bool) -> None:
@@ -193,19 +166,19 @@ class _Run:
                            f"at step {self.pos.global_step}; the last good checkpoint is intact in "
                            f"{self.run_dir / 'checkpoints'}")
 
-    def _every_step(self, stage, window, weights, lr, optimizer, scheduler) -> None:
+    def _every_step(self, stage: StageConfig, window: Window, prepared: PreparedStage) -> None:
         cfg, pos = self.cfg.train, self.pos
         last = pos.step == stage.steps
         if pos.step % 10 == 0 or last:  # the bar's numbers cost a device sync: not every step
             self.logger.progress(stage.name, pos.step, stage.steps, window.running())
         due_eval = cfg.eval_every and pos.global_step % cfg.eval_every == 0 and not last
         if (pos.global_step % cfg.log_every == 0 or due_eval) and not last:
-            self._log_row(stage, window, weights, lr, evaluate_now=bool(due_eval))
+            self._log_row(stage, window, evaluate_now=bool(due_eval))
         if cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0 and not last:
-            self._checkpoint(optimizer, scheduler)
+            self._checkpoint(prepared)
 
-    def _log_row(self, stage, window, weights, lr, evaluate_now: bool) -> None:
-        row = {"stage": stage.name, **window.flush(self.env.device), "lambda": weights["kd"], "lr": lr}
+    def _log_row(self, stage: StageConfig, window: Window, evaluate_now: bool) -> None:
+        row = {"stage": stage.name, **window.flush(self.env.device, self.env.world)}
         if evaluate_now:
             row.update(self._evaluate())
         counters = self.data.metrics()  # the same keys on every rank; summed over ranks
@@ -223,8 +196,8 @@ class _Run:
             self.evaluated = (self.pos.global_step, metrics)
         return self.evaluated[1]
 
-    def _checkpoint(self, optimizer, scheduler) -> None:
-        pos = self.pos
+    def _checkpoint(self, prepared: PreparedStage) -> None:
+        pos, optimizer, scheduler = self.pos, prepared.optimizer, prepared.scheduler
         with self.strategy.gathered(self.student) as student:  # every rank: ZeRO-3 all-gathers
             finite = all(torch.isfinite(p).all() for p in student.parameters())
         if not finite:
@@ -261,60 +234,6 @@ class _Run:
             self.logger.print(f"final: top1 {metrics['val/top1']:.2f}%  top5 {metrics['val/top5']:.2f}%  "
                               f"({wall:.0f} s) -> {self.run_dir / 'student.pt'}")
         return summary
-
-
-class _Window:
-    """Loss terms and throughput averaged over the steps since the last log row."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
-        self.micro, self.images, self.skipped, self.norm, self.started = 0, 0, 0, 0.0, time.perf_counter()
-
-    def add(self, terms: dict, images: int) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-        self.micro, self.images = self.micro + 1, self.images + images
-
-    def step(self, grad_norm: float, stepped: bool) -> None:
-        self.norm = grad_norm
-        self.skipped += not stepped
-
-    def running(self) -> dict:
-        return {f"train/{k}": v.item() / max(self.micro, 1) for k, v in self.sums.items()}
-
-    def flush(self, device: torch.device) -> dict:
-        keys = sorted(self.sums)
-        # Every rank saw different samples: average the terms over ranks too.
-        counts = torch.tensor([self.micro], dtype=torch.float64, device=device)
-        totals = dist.all_reduce_sum(torch.cat([torch.stack([self.sums[k] for k in keys]).double(), counts]))
-        elapsed = time.perf_counter() - self.started
-        row = {f"train/{k}": totals[i].item() / max(totals[-1].item(), 1) for i, k in enumerate(keys)}
-        row.update({"grad_norm": self.norm, "perf/img_per_s": self.images / max(elapsed, 1e-9),
-                    "train/skipped_steps": self.skipped})
-        self.__init__()
-        return row
-
-
-def set_trainable(student: Student, teacher: FrozenTeacher | None, stage: StageConfig, x: torch.Tensor, cfg: Config) -> None:
-    """`trainable: auto` freezes every parameter the stage's losses do not reach (FitNets stage 1:
-    only the student up to its guided layer and the regressors train), found by one probe
-    backward that leaves weights, buffers and RNG untouched."""
-    for p in student.parameters():
-        p.requires_grad_(True)
-    if stage.trainable == "all":
-        return
-    buffers = {k: v.clone() for k, v in student.state_dict(keep_vars=False).items()}
-    weights = {t: float(nonzero_weight(getattr(stage, t))) for t in TERMS}
-    # eager even with train.compile: this probe's batch shape and trainable set are not training's
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), eager(cfg.train.compile):
-        student.train()
-        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        terms = Distiller(student, teacher, cfg.loss.temperature, "reference")(x, labels, weights)
-        terms["loss"].backward()
-    for p in student.parameters():
-        p.requires_grad_(p.grad is not None)
-        p.grad = None
-    student.load_state_dict(buffers)
 
 
 def _check_world(cfg: Config, env: dist.DistEnv) -> None:

@@ -25,14 +25,17 @@ def test_hooked_features_equal_a_manual_sub_forward():
         torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
 
 
-def test_truncated_forward_stops_after_the_last_tap():
-    model = ZOO["fitnet"](num_classes=10, in_channels=1, widths=[4, 4, 8, 8], pool_after=[2])
+def _record_children(model: nn.Module) -> list[str]:
     ran = []
     for name, m in model.named_children():
         m.register_forward_hook(lambda *a, n=name: ran.append(n))
-    tap = FeatureTap(model, ["conv2"], where="test")
-    tap.probe(torch.randn(2, 1, 28, 28))
-    ran.clear()
+    return ran
+
+
+def test_truncated_forward_stops_after_the_last_tap_without_any_probe():
+    model = ZOO["fitnet"](num_classes=10, in_channels=1, widths=[4, 4, 8, 8], pool_after=[2])
+    ran = _record_children(model)
+    tap = FeatureTap(model, ["conv2"], where="test")  # a fresh tap, called as a user would
     logits, (feat,) = tap(torch.randn(2, 1, 28, 28), stop_early=True)
     assert logits is None and feat.shape == (2, 4, 14, 14)
     assert ran == ["conv1", "conv2"]  # conv3, conv4, pool and fc never ran
@@ -41,11 +44,46 @@ def test_truncated_forward_stops_after_the_last_tap():
     assert logits.shape == (2, 10) and "fc" in ran
 
 
+def test_cut_falls_after_whichever_tap_runs_last_whatever_the_listed_order():
+    model = ZOO["fitnet"](num_classes=10, in_channels=1, widths=[4, 4, 8, 8], pool_after=[2])
+    ran = _record_children(model)
+    x = torch.randn(3, 1, 28, 28)
+    _, (f3, f1) = FeatureTap(model, ["conv3", "conv1"], where="test")(x, stop_early=True)
+    assert ran == ["conv1", "conv2", "conv3"]
+    with torch.no_grad():
+        torch.testing.assert_close(f1, model.conv1(x), rtol=0, atol=0)
+        torch.testing.assert_close(f3, model.conv3(model.conv2(model.conv1(x))), rtol=0, atol=0)
+
+
+class SharedBlock(nn.Module):
+    """One module run twice in a forward (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.block(x))))
+
+
+def test_a_module_run_twice_gives_its_first_output_cut_or_not():
+    model, x = SharedBlock(), torch.randn(5, 4)
+    tap = FeatureTap(model, ["block"], where="test")
+    _, (whole,) = tap(x)
+    logits, (cut,) = tap(x, stop_early=True)
+    assert logits is None
+    torch.testing.assert_close(whole, model.block(x), rtol=0, atol=0)
+    torch.testing.assert_close(cut, whole, rtol=0, atol=0)
+
+
 def test_hooks_are_inert_outside_a_tap_call():
     model = ZOO["fitnet"](num_classes=10, in_channels=1, widths=[4, 4], pool_after=[1])
     tap = FeatureTap(model, ["conv2"], where="test")
-    tap.probe(torch.randn(1, 1, 28, 28))
+    tap(torch.randn(1, 1, 28, 28), stop_early=True)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # no StopForward leaks out
+    tap.remove()
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_missing_path_names_the_nearest_valid_paths():

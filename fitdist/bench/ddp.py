@@ -62,8 +62,8 @@ def worker(args) -> None:
     )
     from fitdist.distiller import Distiller, FrozenTeacher
     from fitdist.models import build_model
+    from fitdist.stage import set_trainable
     from fitdist.strategy import build_strategy
-    from fitdist.trainer import set_trainable
 
     torch.set_num_threads(args.threads)
     env = dist.setup("cpu", "gloo")
@@ -77,7 +77,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     student = build_student(cfg, data, teacher)
     stage = StageConfig(name="kd", steps=10**6, ce=1.0, kd=1.0)  # FitNets stage 2
-    set_trainable(student, teacher, stage, probe_input(data), cfg)
+    set_trainable(cfg, stage, student, teacher, probe_input(data))
     strategy = build_strategy(cfg.strategy, env, "fp32")
     model, optimizer, scheduler = strategy.prepare(student, OptimConfig(schedule="constant"), 0.01, stage.steps)
     distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl)

@@ -62,10 +62,11 @@ from fitdist.config import (
     TeacherConfig,
 )
 from fitdist.dist import DistEnv
-from fitdist.distiller import Distiller, FrozenTeacher, hint_term
+from fitdist.distiller import Distiller, FrozenTeacher
+from fitdist.kernels import fused_hint_loss
 from fitdist.models import build_model
+from fitdist.stage import set_trainable
 from fitdist.strategy import build_strategy
-from fitdist.trainer import set_trainable
 
 VARIANTS = ("student", "kd", "hint_kd", "stage1", "stage1_full")
 WEIGHTS = {
@@ -120,7 +121,7 @@ def make_variant(
     student = build_student(cfg, data, teacher)  # probes both taps, sizes the regressor
     weights = WEIGHTS[name]
     stage = StageConfig(name=name, steps=10**6, **weights)
-    set_trainable(student, teacher, stage, probe_input(data).float(), cfg)
+    set_trainable(cfg, stage, student, teacher, probe_input(data).float())
     strategy = build_strategy(StrategyConfig(), DistEnv(), "fp32")
     optim = OptimConfig(schedule="constant")
     model, optimizer, scheduler = strategy.prepare(student, optim, optim.lr, stage.steps)
@@ -137,7 +138,7 @@ def make_variant(
             _, t_feats = teacher.tap(images, stop_early=False)
         _, feats = student.tap(images, stop_early=False)
         terms = [
-            hint_term(f, r, t, student.hint_reduction, student.loss_impl)
+            fused_hint_loss(f, r, t, student.hint_reduction, impl=student.loss_impl)
             for f, r, t in zip(feats, student.regressors, t_feats)
         ]
         hint = torch.stack(terms).sum()

@@ -1,0 +1,205 @@
+"""One stage's machinery, shared by training and the dry run, so that a dry run is the training step.
+
+- `probe_backward`: one forward and backward of a stage's loss that leaves weights, buffers and
+  RNG as they were; `set_trainable` reads which parameters it reached, `compile.check_stage`
+  builds the compiled graphs with it.
+- `set_trainable`: FitNets stage 1 trains only the student up to its guided layer and the
+  regressors (Romero et al. 2014, Algorithm 1): `trainable: auto` freezes what the losses do not reach.
+- `prepare_stage` / `train_step`: a stage's optimizer, scheduler and distiller; one optimizer step
+  of micro-steps, exactly as `fitdist train` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fitdist.config import Config, OptimConfig, StageConfig
+from fitdist.dist import all_reduce_sum
+from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student, used_terms
+from fitdist.schedule import weight_at
+from fitdist.strategy import Strategy
+
+
+def stage_terms(stage: StageConfig) -> frozenset[str]:
+    """The terms `stage` computes on every step: those whose weight is ever non-zero."""
+    return used_terms({t: getattr(stage, t) for t in TERMS})
+
+
+def stage_weights(stage: StageConfig, step: int) -> dict[str, float]:
+    """The loss weights in force at `step` of `stage` (FitNets' λ annealed linearly)."""
+    return {t: weight_at(getattr(stage, t), step, stage.steps) for t in TERMS}
+
+
+def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
+                   x: torch.Tensor, impl: str, autocast: Callable, backward: Callable | None = None) -> list[bool]:
+    """Runs `stage`'s loss forward (under `autocast`) and backward on `x` with every used term
+    weighted 1; returns, per student parameter, whether a gradient reached it. Weights, buffers
+    (BatchNorm statistics) and RNG state are left as they were, and no gradient stays behind.
+    `backward(loss)` replaces `loss.backward()` (compile's check wraps it)."""
+    buffers = {k: v.clone() for k, v in student.state_dict().items()}
+    terms = stage_terms(stage)
+    weights = dict.fromkeys(terms, 1.0)
+    labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        student.train()
+        with autocast():
+            loss = Distiller(student, teacher, cfg.loss.temperature, impl, cfg.loss.kd_t2, terms)(x, labels, weights)["loss"]
+        if loss.requires_grad:
+            (backward or torch.Tensor.backward)(loss)
+    reached = [p.grad is not None for p in student.parameters()]
+    for p in student.parameters():
+        p.grad = None
+    student.load_state_dict(buffers)
+    return reached
+
+
+def set_trainable(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
+                  x: torch.Tensor) -> int:
+    """Sets `requires_grad` for `stage` and returns how many trainable parameters (tensors) its
+    losses do not reach: `trainable: auto` freezes them (0), `all` keeps them trainable."""
+    from fitdist.compile import eager  # compile imports this module
+
+    for p in student.parameters():
+        p.requires_grad_(True)
+    # eager even with train.compile: this probe's batch shape and trainable set are not training's
+    with eager(cfg.train.compile):
+        reached = probe_backward(cfg, stage, student, teacher, x, "reference", contextlib.nullcontext)
+    if stage.trainable == "all":
+        return sum(not r for r in reached)
+    for p, r in zip(student.parameters(), reached):
+        p.requires_grad_(r)
+    return 0
+
+
+def scaled_lr(optim: OptimConfig, world: int) -> float:
+    """The stage's learning rate: `optim.lr`, times the world size with `scale_lr: linear`."""
+    return optim.lr * (world if optim.scale_lr == "linear" else 1)
+
+
+@dataclass
+class PreparedStage:
+    """What one stage's steps run with."""
+
+    model: nn.Module  # the student, wrapped by the strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    distiller: Distiller
+    optim: OptimConfig  # the stage's merged optimizer block
+    lr: float  # base learning rate after world-size scaling
+    notes: list[str]  # lines for the run's log
+
+
+def prepare_stage(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
+                  strategy: Strategy, world: int, micro_batch: int, image_shape: tuple[int, ...]) -> PreparedStage:
+    """Trainable set, compiled graphs (with `train.compile`), optimizer, scheduler and distiller
+    for `stage`; the probes run on random images of `image_shape` (C×H×W)."""
+    device = next(student.parameters()).device
+    x = probe_images(2, image_shape, device)
+    notes = []
+    unreached = set_trainable(cfg, stage, student, teacher, x)
+    if unreached:
+        notes.append(f"trainable: all, and {unreached} parameter tensors get no gradient from this stage's "
+                     "losses (they stay as they are; DDP looks for unused parameters every step)")
+    if cfg.train.compile:
+        from fitdist.compile import check_stage
+
+        images = to_layout(probe_images(micro_batch, image_shape, device), cfg)  # training's exact shape
+        note = check_stage(cfg, stage, student, teacher, images, strategy.autocast)
+        if note:
+            notes.append(note)
+    optim = stage.optim or cfg.optim
+    lr = scaled_lr(optim, world)
+    notes.append(f"lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size {world})"
+                                  if optim.scale_lr == "linear" else " (optim.scale_lr=none)"))
+    model, optimizer, scheduler = strategy.prepare(student, optim, lr, stage.steps, find_unused=unreached > 0)
+    distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2, stage_terms(stage))
+    return PreparedStage(model, optimizer, scheduler, distiller, optim, lr, notes)
+
+
+def probe_images(n: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Random images from a generator of their own: probing draws nothing from the run's RNG."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def to_layout(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Images in the student's memory format (`train.channels_last`)."""
+    return images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
+
+
+def train_step(cfg: Config, prepared: PreparedStage, strategy: Strategy, batches: Iterator,
+               weights: dict[str, float], device: torch.device, window: Window) -> tuple[float, bool]:
+    """One optimizer step over `train.grad_accum` micro-batches, each micro-batch's loss terms
+    added to `window`. Returns `(grad norm, stepped)` from `strategy.step`."""
+    accum = cfg.train.grad_accum
+    for micro in range(accum):
+        images, labels = next(batches)
+        images = to_layout(images.to(device, non_blocking=True), cfg)
+        labels = labels.to(device, non_blocking=True)
+        with strategy.microstep(prepared.model, sync=micro == accum - 1):
+            with strategy.autocast():
+                terms = prepared.distiller(images, labels, weights)
+            strategy.backward(terms["loss"] / accum)
+        window.add(terms, weights, len(labels))
+    lr = prepared.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves after it
+    grad_norm, stepped = strategy.step(prepared.optimizer, prepared.optim.max_grad_norm)
+    window.step(grad_norm, stepped, lr)
+    prepared.scheduler.step()
+    return grad_norm, stepped
+
+
+class Window:
+    """Loss terms, weights and throughput over the steps since the last log row, on every rank.
+
+    A row's weights (`lambda` for kd, `weight/ce`, `weight/hint`) are their means over the row's
+    micro-batches, and each term is its mean weighted by its own weight (the plain mean when the
+    weight is constant, or 0 throughout), so every row satisfies
+    `train/loss = weight/ce·train/ce + lambda·train/kd + weight/hint·train/hint` exactly, even
+    when a schedule moves a weight inside the row. `lr` is the rate of the row's last step."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}  # Σ term, kept on the device: no host sync per step
+        self.weighted: dict[str, torch.Tensor] = {}  # Σ weight·term
+        self.weights = dict.fromkeys(TERMS, 0.0)  # Σ weight (the same on every rank)
+        self.micro, self.images, self.skipped, self.norm, self.lr = 0, 0, 0, 0.0, 0.0
+        self.started = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], weights: dict[str, float], images: int) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            if k != "loss":
+                self.weighted[k] = self.weighted.get(k, 0.0) + weights[k] * v
+        for t in TERMS:
+            self.weights[t] += weights[t]
+        self.micro, self.images = self.micro + 1, self.images + images
+
+    def step(self, grad_norm: float, stepped: bool, lr: float) -> None:
+        self.norm, self.lr = grad_norm, lr
+        self.skipped += not stepped
+
+    def running(self) -> dict:
+        return {f"train/{k}": v.item() / max(self.micro, 1) for k, v in self.sums.items()}
+
+    def flush(self, device: torch.device, world: int) -> dict:
+        """The row (every rank calls it: the terms are averaged over ranks), then a new window."""
+        keys, weighted = sorted(self.sums), sorted(self.weighted)
+        local = [self.sums[k] for k in keys] + [self.weighted[k] for k in weighted]
+        totals = torch.stack(local).double() if local else torch.zeros(0, dtype=torch.float64, device=device)
+        totals = all_reduce_sum(totals).tolist()
+        micro = max(self.micro, 1)
+        row = {f"train/{k}": totals[i] / (micro * world) for i, k in enumerate(keys)}
+        for i, k in enumerate(weighted, start=len(keys)):
+            if self.weights[k] != 0:  # Σ over ranks of Σ w·v, over Σ over ranks of Σ w
+                row[f"train/{k}"] = totals[i] / (self.weights[k] * world)
+        mean = {t: self.weights[t] / micro for t in TERMS}
+        row.update({"lambda": mean["kd"], "weight/ce": mean["ce"], "weight/hint": mean["hint"], "lr": self.lr,
+                    "grad_norm": self.norm, "train/skipped_steps": self.skipped,
+                    "perf/img_per_s": self.images * world / max(time.perf_counter() - self.started, 1e-9)})
+        self.__init__()
+        return row
