@@ -8,7 +8,6 @@ from conftest import STUDENT, TEACHER, run_cli, write_config
 
 from fitdist.config import ModelConfig, load_config
 from fitdist.models import build_model
-from fitdist.schedule import weight_at
 from fitdist.trainer import train
 
 
@@ -27,41 +26,98 @@ def fitnets_run(trained_teacher, tmp_path_factory):
         hints=[{"student": "conv3", "teacher": "conv2"}],
         stages=[{"name": "hint", "steps": 12, "ce": 0, "hint": 1},
                 {"name": "kd", "steps": 15, "ce": 1, "kd": [4, 1]}],
-        train={"batch_size": 32, "log_every": 1, "checkpoint_every": 0, "threads": 1},
-        run={"dir": str(root / "run"), "keep_checkpoints": 5},
+        optim={"name": "sgd", "lr": 0.05, "schedule": "cosine", "warmup_steps": 3},
+        train={"batch_size": 32, "log_every": 1, "checkpoint_every": 6, "threads": 1},
+        run={"dir": str(root / "run"), "keep_checkpoints": 10},
     )
     cfg = load_config(path)
     summary = train(cfg)
     return cfg, summary
 
 
-def test_lambda_follows_the_linear_schedule_in_metrics(fitnets_run):
+def read_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_rows_add_up(rows: list[dict]) -> None:
+    """Every row: the logged loss is the weighted sum of the logged terms, for the logged weights."""
+    for r in rows:
+        if "train/loss" not in r:
+            continue
+        total = sum(r[w] * r[f"train/{t}"] for t, w in (("ce", "weight/ce"), ("kd", "lambda"), ("hint", "weight/hint"))
+                    if f"train/{t}" in r)
+        assert r["train/loss"] == pytest.approx(total, rel=1e-5, abs=1e-7), r
+
+
+def test_lambda_multiplies_the_logged_kd_term_and_follows_the_linear_schedule(fitnets_run):
     cfg, _ = fitnets_run
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(cfg.run_dir)
+    assert_rows_add_up(rows)
     kd_rows = [r for r in rows if r["stage"] == "kd"]
     assert [r["step"] for r in kd_rows] == list(range(13, 28))
-    for r in kd_rows:
-        step_in_stage = r["step"] - 12 - 1  # the row logs the weights used by the step just taken
-        assert r["lambda"] == pytest.approx(weight_at([4.0, 1.0], step_in_stage, 15))
-        assert {"train/loss", "train/ce", "train/kd", "lr", "perf/img_per_s"} <= r.keys()
-    assert kd_rows[0]["lambda"] == 4.0 and kd_rows[-1]["lambda"] == 1.0
+    for i, r in enumerate(kd_rows):  # log_every 1: row i is the stage's step i; λ goes 4 → 1 in 15 steps
+        assert r["lambda"] == pytest.approx(4.0 - 3.0 * i / 14)
+        assert r["weight/ce"] == 1.0 and r["weight/hint"] == 0.0 and "train/hint" not in r
+        assert r["train/kd"] > 0 and r["train/ce"] > 0
     hint_rows = [r for r in rows if r["stage"] == "hint"]
     assert len(hint_rows) == 12 and all("train/hint" in r and "train/ce" not in r for r in hint_rows)
     assert "val/top1" in rows[-1]
 
 
-def test_stage_one_trains_only_the_guided_path_and_the_regressor(fitnets_run):
+def test_logged_lr_is_the_rate_each_step_used(fitnets_run):
+    """lr 0.05, 3 warm-up steps, then cosine to 0, in each stage (the rows are one step each)."""
+    import math
+
     cfg, _ = fitnets_run
-    stage1 = torch.load(cfg.run_dir / "checkpoints" / "step-00000012" / "trainer.pt", weights_only=True)
+    rows = read_rows(cfg.run_dir)
+    for stage, steps, first in (("hint", 12, 1), ("kd", 15, 13)):
+        for r in (r for r in rows if r["stage"] == stage):
+            i = r["step"] - first  # the row's step, counted from 0 within its stage
+            want = 0.05 * ((i + 1) / 3 if i < 3 else 0.5 * (1 + math.cos(math.pi * (i - 3) / (steps - 3))))
+            assert r["lr"] == pytest.approx(want, rel=1e-6), (stage, i)
+
+
+@pytest.mark.parametrize("kd_t2", [True, False])
+def test_every_row_adds_up_with_a_weight_schedule_inside_a_row(trained_teacher, tmp_path, kd_t2):
+    """log_every 4 with λ and the hint weight moving every step, gradient accumulation, and both
+    scales of the KD term: the identity holds on every row."""
+    path = write_config(
+        tmp_path / "sum.yaml", teacher={**TEACHER, "weights": str(trained_teacher)},
+        hints=[{"student": "conv3", "teacher": "conv2"}], loss={"temperature": 4.0, "kd_t2": kd_t2},
+        stages=[{"name": "warm", "steps": 6, "ce": 1, "hint": [0, 2]},
+                {"name": "kd", "steps": 9, "ce": [1, 0.5], "kd": [4, 1], "hint": 0.5}],
+        train={"batch_size": 32, "grad_accum": 2, "log_every": 4, "checkpoint_every": 0, "threads": 1},
+    )
+    cfg = load_config(path)
+    train(cfg)
+    rows = read_rows(cfg.run_dir)
+    assert_rows_add_up(rows)
+    warm = [r for r in rows if r["stage"] == "warm" and "train/loss" in r]
+    assert warm[0]["weight/hint"] == pytest.approx((0 + 0.4 + 0.8 + 1.2) / 4)  # the row's mean weight
+    kd = [r for r in rows if r["stage"] == "kd"]
+    assert all(0 < r["train/kd"] for r in kd)
+
+
+def test_stage_one_trains_only_the_guided_path_and_the_regressor(fitnets_run):
+    """Stage 1 (12 steps) changes the student up to its guided layer (conv3) and the regressor and
+    leaves every layer above it, weights and BatchNorm buffers, bit-identical; stage 2 then trains
+    the whole student and leaves the regressor frozen."""
+    cfg, _ = fitnets_run
+    ckpt = {s: torch.load(cfg.run_dir / "checkpoints" / f"step-{s:08d}" / "trainer.pt", weights_only=True)["student"]
+            for s in (6, 12, 18, 24, 27)}
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg.student, 10, 1).state_dict()
-    weights = stage1["student"]
-    changed = {k.removeprefix("backbone.") for k, v in weights.items()
-               if k.startswith("backbone.") and not torch.equal(v, fresh[k.removeprefix("backbone.")])}
     guided = {k for k in fresh if k.split(".")[0] in ("conv1", "conv2", "conv3")}
-    assert changed == guided  # weights and BN statistics of conv1..conv3 only
-    assert any(k.startswith("regressors.0.") for k in weights)
-    assert not any("teacher" in k for k in weights)  # the teacher never enters a checkpoint
+    for step in (6, 12):
+        backbone = {k.removeprefix("backbone."): v for k, v in ckpt[step].items() if k.startswith("backbone.")}
+        changed = {k for k, v in backbone.items() if not torch.equal(v, fresh[k])}
+        assert changed == guided  # weights and BN statistics of conv1..conv3 only
+    regressor = [k for k in ckpt[12] if k.startswith("regressors.0.")]
+    assert regressor and any(not torch.equal(ckpt[6][k], ckpt[12][k]) for k in regressor)  # it trains in stage 1
+    assert all(torch.equal(ckpt[12][k], ckpt[s][k]) for k in regressor for s in (18, 24, 27))  # frozen in stage 2
+    above = [k for k in ckpt[12] if k.startswith(("backbone.conv4", "backbone.conv5", "backbone.fc"))]
+    assert all(not torch.equal(ckpt[12][k], ckpt[27][k]) for k in above if k.endswith("weight"))  # stage 2 trains them
+    assert not any("teacher" in k for k in ckpt[27])  # the teacher never enters a checkpoint
 
 
 def test_student_pt_is_a_plain_state_dict_and_eval_reports_it(fitnets_run):
