@@ -7,6 +7,7 @@ Every knob lives here with a one-line comment. Unknown keys and wrongly typed va
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from fitdist.losses import HINT_REDUCTIONS
 from fitdist.regressors import REGRESSOR_KINDS
 
 Weight = float | list[float]  # a constant, or [start, end] annealed linearly over the stage
+
+# YAML 1.1 (PyYAML) reads an exponent without a dot, 1e-6, as a string: accepted where a float is due
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -223,6 +227,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")

@@ -76,6 +76,16 @@ def test_bad_files(tmp_path):
         load_config(bad)
 
 
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-6 as the string '1e-6'
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {eps: 1e-6, lr: 5E-2}\n")
+    assert load_config(path).optim.eps == 1e-6 and load_config(path).optim.lr == 0.05
+    assert load_config(None, ["optim.eps=1e-8", "optim.min_lr=-1e+0"]).optim.min_lr == -1.0
+    with pytest.raises(UserError, match=r"optim.eps: expected float, got '1e-6x'"):
+        load_config(None, ["optim.eps=1e-6x"])
+
+
 # ---------------------------------------------------------------- per-stage optim: a partial override
 
 OPTIM = """
