@@ -1,4 +1,4 @@
-"""Every shipped recipe dry-runs (build, probe hints, one real step per stage, no data read), and
+"""Every shipped recipe dry-runs (build, probe hints, each stage's first and last step, no data read), and
 each family has the shape its comments promise: models, parameter counts, regressor kernels,
 hint shapes, stage lists.
 
@@ -7,13 +7,14 @@ still of equal size on both sides, so the regressor checks hold as at 224 px.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
 
-from fitdist.config import load_config
+from fitdist.config import load_config, nonzero_weight
 from fitdist.dryrun import dry_run
 from fitdist.errors import UserError
 from fitdist.models import build_model
@@ -66,18 +67,37 @@ def test_there_are_recipes():
     assert len(PACKAGED) == 5
 
 
+def expected_trainable(cfg, stage, r) -> int:
+    """What a stage trains, counted without fitdist's probe: a stage with a ce or kd term (or
+    `trainable: all`) trains the whole backbone; a hint-only stage trains the backbone's parameters
+    up to and including its guided layer (the zoo and torchvision models register their layers in
+    forward order); the regressors train when the hint term is used, or with `trainable: all`."""
+    backbone = build_model(cfg.student, r["data"]["num_classes"], r["data"]["in_channels"])
+    names = [n for n, _ in backbone.named_parameters()]
+    sizes = dict((n, p.numel()) for n, p in backbone.named_parameters())
+    uses = {t for t in ("ce", "kd", "hint") if nonzero_weight(getattr(stage, t))}
+    if stage.trainable == "all" or uses & {"ce", "kd"}:
+        count = sum(sizes.values())
+    else:
+        guided = [h.student + "." for h in cfg.hints]
+        last = max(i for i, n in enumerate(names) if n.startswith(tuple(guided)))
+        count = sum(sizes[n] for n in names[: last + 1])
+    if stage.trainable == "all" or "hint" in uses:
+        count += r["student"]["regressor_params"]
+    return count
+
+
 @pytest.mark.parametrize("path", [rel(p) for p in RECIPES + PACKAGED])
 def test_recipe_dry_runs(results, path):
     r = results[path]
     cfg = load_config(ROOT / path, SMALL.get(Path(path).parent.name, []))
     assert [s["name"] for s in r["stages"]] == [s.name for s in cfg.stages]
-    for stage in r["stages"]:
-        assert stage["terms"]["loss"] == stage["terms"]["loss"]  # finite (the dry run checks too)
-        assert (
-            0
-            < stage["trainable_params"]
-            <= r["student"]["params"] + r["student"]["regressor_params"]
-        )
+    for stage, out in zip(cfg.stages, r["stages"]):
+        assert out["trainable_params"] == expected_trainable(cfg, stage, r)
+        used = {t for t in ("ce", "kd", "hint") if nonzero_weight(getattr(stage, t))}
+        for checked in (out, out.get("last", out)):  # the schedule's first and last step
+            assert set(checked["terms"]) == used | {"loss"}
+            assert all(math.isfinite(v) and v > 0 for v in checked["terms"].values()), checked
     assert r["student"]["params"] > 0 and (r["student"]["macs"] or 0) > 0
     if cfg.teacher is not None:
         assert r["teacher"]["weights"].startswith(("random", "loaded"))
