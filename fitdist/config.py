@@ -19,6 +19,7 @@ import yaml
 from fitdist.errors import UserError, did_you_mean
 from fitdist.kernels import IMPLS
 from fitdist.losses import HINT_REDUCTIONS
+from fitdist.precision import PRECISIONS
 from fitdist.regressors import REGRESSOR_KINDS
 
 Weight = float | list[float]  # a constant, or [start, end] annealed linearly over the stage
@@ -36,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the teacher's own forward precision
+    precision: Literal[PRECISIONS] = "fp32"  # the teacher's own forward precision
     channels_last: bool = False  # run the teacher in channels_last memory format
 
 
@@ -117,7 +118,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch per optimizer step (all ranks, all micro-steps)
     grad_accum: int = 1  # micro-steps per optimizer step
     eval_batch_size: int = 512  # per rank
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the student
+    precision: Literal[PRECISIONS] = "fp32"  # autocast precision of the student
     log_every: int = 50  # steps between metrics.jsonl rows
     eval_every: int = 0  # steps between evaluations (0: end of each stage only)
     checkpoint_every: int = 500  # steps between checkpoints (0: end of each stage only)
