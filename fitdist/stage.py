@@ -60,9 +60,9 @@ def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: F
 
 
 def set_trainable(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
-                  x: torch.Tensor) -> int:
-    """Sets `requires_grad` for `stage` and returns how many trainable parameters (tensors) its
-    losses do not reach: `trainable: auto` freezes them (0), `all` keeps them trainable."""
+                  x: torch.Tensor) -> list[nn.Parameter]:
+    """Sets `requires_grad` for `stage` and returns the trainable parameters its losses do not
+    reach: `trainable: auto` freezes them (none returned), `all` keeps them trainable."""
     from fitdist.compile import eager  # compile imports this module
 
     for p in student.parameters():
@@ -70,11 +70,12 @@ def set_trainable(cfg: Config, stage: StageConfig, student: Student, teacher: Fr
     # eager even with train.compile: this probe's batch shape and trainable set are not training's
     with eager(cfg.train.compile):
         reached = probe_backward(cfg, stage, student, teacher, x, "reference", contextlib.nullcontext)
+    unreached = [p for p, r in zip(student.parameters(), reached) if not r]
     if stage.trainable == "all":
-        return sum(not r for r in reached)
-    for p, r in zip(student.parameters(), reached):
-        p.requires_grad_(r)
-    return 0
+        return unreached
+    for p in unreached:
+        p.requires_grad_(False)
+    return []
 
 
 def scaled_lr(optim: OptimConfig, world: int) -> float:
@@ -103,9 +104,17 @@ def prepare_stage(cfg: Config, stage: StageConfig, student: Student, teacher: Fr
     x = probe_images(2, image_shape, device)
     notes = []
     unreached = set_trainable(cfg, stage, student, teacher, x)
-    if unreached:
-        notes.append(f"trainable: all, and {unreached} parameter tensors get no gradient from this stage's "
-                     "losses (they stay as they are; DDP looks for unused parameters every step)")
+    if unreached and strategy.fills_missing_gradients:
+        # a zero gradient would still move them (weight decay, momentum): freeze them, so they
+        # stay as they are, as under the other strategies
+        for p in unreached:
+            p.requires_grad_(False)
+        notes.append(f"trainable: all, but {len(unreached)} parameter tensors get no gradient from this stage's "
+                     "losses; frozen, since DeepSpeed would step them on a zero gradient")
+        unreached = []
+    elif unreached:
+        notes.append(f"trainable: all, and {len(unreached)} parameter tensors get no gradient from this "
+                     "stage's losses (they stay as they are; DDP looks for unused parameters every step)")
     if cfg.train.compile:
         from fitdist.compile import check_stage
 
@@ -117,7 +126,7 @@ def prepare_stage(cfg: Config, stage: StageConfig, student: Student, teacher: Fr
     lr = scaled_lr(optim, world)
     notes.append(f"lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size {world})"
                                   if optim.scale_lr == "linear" else " (optim.scale_lr=none)"))
-    model, optimizer, scheduler = strategy.prepare(student, optim, lr, stage.steps, find_unused=unreached > 0)
+    model, optimizer, scheduler = strategy.prepare(student, optim, lr, stage.steps, find_unused=bool(unreached))
     distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2, stage_terms(stage))
     return PreparedStage(model, optimizer, scheduler, distiller, optim, lr, notes)
 

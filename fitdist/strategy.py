@@ -26,6 +26,10 @@ from fitdist.schedule import build_optimizer, build_scheduler
 class Strategy:
     """Single device; `DDPStrategy` overrides what differs."""
 
+    # Whether a trainable parameter that got no gradient is stepped anyway (on a zero gradient).
+    # torch's optimizers and DDP skip it; DeepSpeed's ZeRO fills in zeros.
+    fills_missing_gradients = False
+
     def __init__(self, cfg: StrategyConfig, env: DistEnv, precision: str):
         self.cfg, self.env = cfg, env
         self.precision = precision

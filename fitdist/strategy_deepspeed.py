@@ -110,6 +110,8 @@ def deepspeed_config(user: dict, train: TrainConfig, precision: str, world: int,
 class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine over the student + regressors; the teacher stays outside, as under DDP."""
 
+    fills_missing_gradients = True
+
     def __init__(self, cfg: StrategyConfig, env: DistEnv, precision: str, train: TrainConfig | None = None):
         super().__init__(cfg, env, precision)
         # DeepSpeed scales fp16 losses itself: fitdist's GradScaler stays disabled (state {}).

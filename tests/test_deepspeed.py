@@ -302,3 +302,18 @@ def test_bf16_one_process_exports_fp32_student(ds_config, tmp_path):
     assert summary["steps"] == 10
     state = load(tmp_path / "bf16" / "student.pt")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+
+
+def test_trainable_all_leaves_what_the_losses_do_not_reach_as_it_is(ds_config, tmp_path):
+    """DeepSpeed steps a parameter without a gradient on a zero one (weight decay and momentum
+    still move it), where torch's optimizers and DDP leave it: a `trainable: all` hint stage must
+    leave the layers above the guided one as the other strategies do, untouched."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    stages = "stages=[{name: hint, steps: 3, ce: 0, hint: 1, trainable: all}]"
+    cfg = load_config(ds_config, [stages, "optim.weight_decay=0.1", f"run.dir={tmp_path / 'all'}"])
+    train(cfg)
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(ModelConfig(**STUDENT), 10, 1).state_dict()
+    state = load(tmp_path / "all" / "student.pt")
+    changed = {k.split(".")[0] for k, v in state.items() if not torch.equal(v, fresh[k])}
+    assert changed == {"conv1", "conv2", "conv3"}
