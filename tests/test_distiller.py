@@ -84,7 +84,7 @@ def test_a_hint_pair_without_a_regressor_is_an_error():
     backbone = ZOO["fitnet"](10, 1, widths=[4, 4], pool_after=[1])
     with pytest.raises(ValueError, match=r"2 guided layers .* 1 regressors"):
         Student(backbone, ["conv1", "conv2"], [build_regressor((4, 14, 14), (16, 14, 14))])
-    teacher, student = make_pair()
+    _, student = make_pair()
     hint = torch.zeros(2, 16, 14, 14)
     with pytest.raises(ValueError, match=r"2 teacher hints for 1 hint pairs"):
         student(torch.randn(2, 1, 28, 28), [hint, hint], need_logits=False)

@@ -74,7 +74,7 @@ def expected_trainable(cfg, stage, r) -> int:
     forward order); the regressors train when the hint term is used, or with `trainable: all`."""
     backbone = build_model(cfg.student, r["data"]["num_classes"], r["data"]["in_channels"])
     names = [n for n, _ in backbone.named_parameters()]
-    sizes = dict((n, p.numel()) for n, p in backbone.named_parameters())
+    sizes = {n: p.numel() for n, p in backbone.named_parameters()}
     uses = {t for t in ("ce", "kd", "hint") if nonzero_weight(getattr(stage, t))}
     if stage.trainable == "all" or uses & {"ce", "kd"}:
         count = sum(sizes.values())
