@@ -32,8 +32,9 @@ from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.errors import UserError
 from fitdist.models import build_model, count_macs, count_params
-from fitdist.stage import Window, prepare_stage, stage_weights, train_step
+from fitdist.stage import prepare_stage, stage_weights, train_step
 from fitdist.strategy import build_strategy
+from fitdist.window import Window
 
 DRY_BATCH = 4  # images per dry-run step: >1 so BatchNorm in train mode has statistics
 NATIVE = {"fashion-mnist": (10, 28)}  # sources whose class count and image size are known

@@ -26,8 +26,9 @@ from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
 from fitdist.models import count_macs, count_params
 from fitdist.preemption import Preempted, PreemptionGuard
-from fitdist.stage import PreparedStage, Window, prepare_stage, stage_weights, train_step
+from fitdist.stage import PreparedStage, prepare_stage, stage_weights, train_step
 from fitdist.strategy import build_strategy
+from fitdist.window import Window
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("run.", "wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every",
