@@ -11,6 +11,9 @@ Implementations, chosen by `impl`:
 - `"triton"`: Triton kernels (`kernels/triton_*.py`): CUDA, or CPU tensors under
   `TRITON_INTERPRET=1` (how the tests run them);
 - `"reference"`: `fitdist.losses` on the regressor's output, as the definition of correct.
+
+Callers pass every impl, "reference" included, through these functions: the choice between a
+kernel and the reference is made here only (`supports_fused_hint` says which regressors fuse).
 """
 
 from __future__ import annotations
@@ -23,15 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitdist.kernels.hint import (
-    as_maps,
-    check_hint_shapes,
-    chunked_hint_loss,
-    compute_dtype,
-    hint_scale,
-    hint_spec,
-)
+from fitdist.kernels.hint import as_maps, chunked_hint_loss, compute_dtype, hint_scale
 from fitdist.kernels.kd import check_kd_inputs, chunked_kd_ce
+from fitdist.kernels.spec import check_hint_shapes, hint_spec
 from fitdist.losses import hint_loss, kd_loss
 
 IMPLS = ("auto", "fused", "triton", "reference")
@@ -77,11 +74,19 @@ def select_impl(impl: str, device: torch.device | str) -> str:
 
 
 def supports_fused_hint(regressor: nn.Module) -> bool:
-    """Whether `fused_hint_loss` fuses this regressor (else it falls back to the reference).
+    """Whether `fused_hint_loss` fuses this regressor (else it computes the reference).
 
-    Fused: a 1×1 or k×k valid Conv2d (stride 1, no padding, dilation 1, groups 1) or a Linear
-    projection, with or without ReLU, without BatchNorm and without resize. Triton covers the
-    1×1/linear case; a k×k conv uses the chunked-PyTorch path on every device.
+    It fuses exactly the modules whose forward is known to be a plain projection (optionally
+    followed by ReLU), recognised by exact type so that a subclass or look-alike never is:
+    - `fitdist.regressors.Regressor` itself (not a subclass) with `bn is None`,
+      `resize_to is None`, `relu` a bool, and a `proj` that is a plain projection;
+    - a plain projection by itself: an `nn.Linear` (exact type, on the last dimension), or an
+      `nn.Conv2d` (exact type) with stride 1, no padding, dilation 1 and groups 1, whose 1×1
+      kernel makes it pointwise and whose k×k kernel is the paper's valid convolution.
+    Neither module may carry forward, forward-pre or backward hooks, nor may torch's global
+    module hooks be set, nor may an instance-level `forward` be assigned: the fused path never
+    calls the modules, so it would skip them. Triton covers the 1×1/linear case; a k×k conv uses
+    the chunked-PyTorch path on every device.
     """
     return hint_spec(regressor) is not None
 
@@ -97,13 +102,14 @@ def fused_hint_loss(
 ) -> torch.Tensor:
     """`hint_loss(regressor(student_feat), teacher_hint, reduction)` as an fp32 scalar.
 
-    Gradients reach `student_feat` and the regressor's weight and bias, never the teacher hint.
-    `chunk_rows` (positions, i.e. b·h·w rows, per chunk of the PyTorch path; Triton tiles its own)
-    is for tests and tuning.
+    Any module works: those `supports_fused_hint` accepts are fused, the others (and every module
+    with `impl="reference"`) run exactly that expression. Gradients reach `student_feat` and the
+    regressor's parameters, never the teacher hint. `chunk_rows` (positions, i.e. b·h·w rows, per
+    chunk of the PyTorch path; Triton tiles its own) is for tests and tuning.
     """
-    spec = hint_spec(regressor)
     which = select_impl(impl, student_feat.device)
-    if spec is None or which == "reference":
+    spec = None if which == "reference" else hint_spec(regressor)
+    if spec is None:
         return hint_loss(regressor(student_feat), teacher_hint, reduction)
     check_hint_shapes(student_feat, spec, teacher_hint)
     if which == "triton" and spec.kind == "pointwise":
@@ -111,7 +117,7 @@ def fused_hint_loss(
 
         scale = hint_scale(reduction, teacher_hint)
         dtype = compute_dtype(student_feat, spec.weight)
-        x3, h3 = as_maps(student_feat, teacher_hint.detach())
+        x3, h3 = as_maps(student_feat, teacher_hint.detach(), spec.weight.dim() == 2)
         with torch.autocast(student_feat.device.type, enabled=False):
             return triton_pointwise_hint(x3, spec, h3, scale, dtype)
     return chunked_hint_loss(student_feat, spec, teacher_hint, reduction, chunk_rows)

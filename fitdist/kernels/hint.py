@@ -6,63 +6,27 @@ regressor is applied to a chunk of positions at a time, the squared error of the
 into an fp32 scalar, and backward recomputes the chunk's projection instead of storing it. Peak
 extra memory is a few chunks, whatever the batch size.
 
-Supported regressors (see `hint_spec`): 1×1 convolution or linear projection (one matmul per
-chunk, gradients written by hand), and the paper's k×k valid convolution (conv2d per batch chunk,
-gradients by a local autograd call on the recomputed chunk). Both with optional ReLU, no BatchNorm
-(its batch statistics span the whole batch) and no resize.
+Regressors (which ones fuse is decided in `kernels/spec.py`): 1×1 convolution or linear
+projection (one matmul per chunk, gradients written by hand), and the paper's k×k valid
+convolution (conv2d per batch chunk, gradients by a local autograd call on the recomputed chunk).
+Both with optional ReLU, no BatchNorm (its batch statistics span the whole batch) and no resize.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
+from fitdist.kernels.spec import HintSpec
 from fitdist.losses import HINT_REDUCTIONS
 
 # Elements of the projected map handled per chunk: 2^20 fp32 values = 4 MiB per temporary, a small
 # fraction of the map at training shapes. Smaller chunks are no faster on an idle CPU, and on a
 # busy one every extra op is another OpenMP barrier to wait at (2^18 ran 6× slower under load).
 CHUNK_ELEMENTS = 1 << 20
-
-
-@dataclass(frozen=True)
-class HintSpec:
-    """What the fused kernels need to know about a regressor."""
-
-    kind: str  # "pointwise" (1×1 conv or linear: a matmul per position) or "conv" (k×k valid)
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    relu: bool
-
-
-def hint_spec(regressor: nn.Module) -> HintSpec | None:
-    """The fused form of `regressor`, or None when only the reference can compute it."""
-    proj = getattr(regressor, "proj", None)
-    if (
-        getattr(regressor, "bn", None) is not None
-        or getattr(regressor, "resize_to", None) is not None
-    ):
-        return None
-    relu = bool(getattr(regressor, "relu", False))
-    if isinstance(proj, nn.Linear):
-        return HintSpec("pointwise", proj.weight, proj.bias, relu)
-    if not isinstance(proj, nn.Conv2d):
-        return None
-    plain = (
-        tuple(proj.stride) == (1, 1)
-        and proj.padding in ((0, 0), "valid")
-        and tuple(proj.dilation) == (1, 1)
-        and proj.groups == 1
-    )
-    if not plain:
-        return None
-    kind = "pointwise" if tuple(proj.kernel_size) == (1, 1) else "conv"
-    return HintSpec(kind, proj.weight, proj.bias, relu)
 
 
 def hint_scale(reduction: str, target: torch.Tensor) -> float:
@@ -74,32 +38,6 @@ def hint_scale(reduction: str, target: torch.Tensor) -> float:
     raise ValueError(f"reduction must be one of {HINT_REDUCTIONS}, got {reduction!r}")
 
 
-def check_hint_shapes(feats: torch.Tensor, spec: HintSpec, hint: torch.Tensor) -> None:
-    """Raise ValueError, naming the shapes, when the regressed feats cannot match the hint."""
-    w = spec.weight
-    if spec.kind == "pointwise" and w.dim() == 2:
-        ok = feats.dim() == 2 and feats.shape[1] == w.shape[1]
-        out = (feats.shape[0], w.shape[0]) if ok else None
-    else:
-        kh, kw = w.shape[-2:]
-        ok = feats.dim() == 4 and feats.shape[1] == w.shape[1]
-        ok = ok and feats.shape[2] >= kh and feats.shape[3] >= kw
-        out = (
-            (feats.shape[0], w.shape[0], feats.shape[2] - kh + 1, feats.shape[3] - kw + 1)
-            if ok
-            else None
-        )
-    if out is None:
-        raise ValueError(
-            f"student feats {tuple(feats.shape)} do not fit the regressor weight {tuple(w.shape)}"
-        )
-    if tuple(hint.shape) != out:
-        raise ValueError(
-            f"hint shapes differ: regressed student feats {out} (from {tuple(feats.shape)}) "
-            f"vs teacher hint {tuple(hint.shape)}"
-        )
-
-
 def compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype the reference regressor would run in (autocast's, else type promotion)."""
     dev = x.device.type
@@ -108,15 +46,21 @@ def compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, w.dtype)
 
 
-def as_maps(feats: torch.Tensor, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def as_maps(
+    feats: torch.Tensor, hint: torch.Tensor, linear: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Views `b c p` of feats and hint, so a pointwise regressor is `W @ x[b]` per sample.
 
-    Conv maps flatten their positions (a view, no copy, for contiguous or channels-last maps);
-    flat features become one "sample" whose positions are the batch (a transposed view).
+    Conv maps flatten their positions (a view, no copy, for contiguous or channels-last maps).
+    For a linear regressor every index but the last is a position: the features become one
+    "sample" whose positions are those indices (a transposed view when they flatten as a view).
     """
-    if feats.dim() == 4:
+    if not linear:
         return rearrange(feats, "b c h w -> b c (h w)"), rearrange(hint, "b c h w -> b c (h w)")
-    return rearrange(feats, "b c -> 1 c b"), rearrange(hint, "b c -> 1 c b")
+    return (
+        feats.reshape(-1, feats.shape[-1]).t().unsqueeze(0),
+        hint.reshape(-1, hint.shape[-1]).t().unsqueeze(0),
+    )
 
 
 def chunks(batch: int, positions: int, rows: int) -> Iterator[tuple[slice, slice]]:
@@ -264,5 +208,5 @@ def chunked_hint_loss(
             return ConvHint.apply(
                 feats, spec.weight, spec.bias, hint, scale, spec.relu, rows, dtype
             )
-        x3, h3 = as_maps(feats, hint)
+        x3, h3 = as_maps(feats, hint, spec.weight.dim() == 2)
         return PointwiseHint.apply(x3, spec.weight, spec.bias, h3, scale, spec.relu, rows, dtype)
