@@ -23,6 +23,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -37,7 +38,14 @@ from fitdist.kernels import (
     select_impl,
     supports_fused_hint,
 )
-from fitdist.kernels.accuracy import ELEMENTWISE, assert_close, rtol
+from fitdist.kernels.accuracy import (
+    ELEMENTWISE,
+    assert_close,
+    kd_magnitude,
+    log_softmax_magnitude,
+    rtol,
+    softmax_magnitude,
+)
 from fitdist.kernels.hint import chunks
 from fitdist.losses import hint_loss, kd_loss
 from fitdist.regressors import Regressor, build_regressor
@@ -122,12 +130,28 @@ def make_hint(reg, x, t_shape, relu, dtype=torch.float32):
 
 
 def exact_hint(module, x, t, reduction):
-    """The hint loss written out in float64, and its gradients (feats, then parameters)."""
+    """The hint loss written out in float64 ("mean": Σd²/numel, "paper": ½·Σd²/B), its gradients
+    (feats, then parameters), and the magnitudes their rounding errors scale with.
+
+    Magnitudes: z is known only to within rounding of Σ|w·x| + |b|, so |z − t| ≤ that + |t| =: ρ;
+    the loss's is scale·Σρ², the gradients' are the same matmuls on |W|, |x| and 2·scale·ρ.
+    """
     m64 = copy.deepcopy(module).double()
     x64 = x.detach().double().requires_grad_()
     sq = (m64(x64) - t.double()) ** 2
-    loss = sq.mean() if reduction == "mean" else 0.5 * sq.sum() / sq.shape[0]
-    return loss, torch.autograd.grad(loss, [x64, *m64.parameters()])
+    scale = 1.0 / sq.numel() if reduction == "mean" else 0.5 / sq.shape[0]
+    loss = scale * sq.sum()
+    grads = torch.autograd.grad(loss, [x64, *m64.parameters()])
+    abs_proj = copy.deepcopy(projection(m64))
+    with torch.no_grad():
+        for p in abs_proj.parameters():
+            p.abs_()
+    x_abs = x64.detach().abs().requires_grad_()
+    z_terms = abs_proj(x_abs)
+    rho = z_terms.detach() + t.double().abs()
+    dz_bound = (2 * scale * rho).detach()
+    mags = torch.autograd.grad((z_terms * dz_bound).sum(), [x_abs, *abs_proj.parameters()])
+    return loss, grads, scale * (rho**2).sum().item(), mags
 
 
 def grads(loss, x, reg):
@@ -136,7 +160,7 @@ def grads(loss, x, reg):
 
 def check_hint_exact(module, x, t, reduction, outs, lowp=None):
     """Each `name → loss` in `outs` against the float64 loss, in value and gradients."""
-    exact, exact_grads = exact_hint(module, x, t, reduction)
+    exact, exact_grads, loss_mag, grad_mags = exact_hint(module, x, t, reduction)
     rows = t.numel() // t.shape[-1 if projection(module).weight.dim() == 2 else 1]
     n_value = fan_in(module) + t.numel() + ELEMENTWISE  # each term's dot product, then their sum
     n_grad = fan_in(module) + fan_out(module) + rows + ELEMENTWISE  # dz's, then Wᵀdz or Σ dz·x
@@ -148,10 +172,10 @@ def check_hint_exact(module, x, t, reduction, outs, lowp=None):
     for impl, out in outs.items():
         what = f"{impl} {type(module).__name__} {tuple(x.shape)}->{tuple(t.shape)} {reduction}"
         assert out.dtype == torch.float32 and out.dim() == 0
-        assert_close(out, exact, tol_value, what=f"{what} loss")
-        for name, a, b in zip(names, grads(out, x, module), exact_grads):
+        assert_close(out, exact, tol_value, loss_mag, what=f"{what} loss")
+        for name, a, b, mag in zip(names, grads(out, x, module), exact_grads, grad_mags):
             assert a.dtype == (x.dtype if name == "feats" else module.get_parameter(name).dtype)
-            assert_close(a, b, tol_grad, what=f"{what} d{name}")
+            assert_close(a, b, tol_grad, mag, what=f"{what} d{name}")
 
 
 def check_hint(kind, relu, bias, reduction, impl, chunk_rows=None, shapes=HINT_SHAPES):
@@ -211,12 +235,12 @@ def test_hint_under_cpu_autocast_matches_reference(seed):
     # Exact: the regressor autocast runs, in float64, on the bf16-rounded inputs and weights.
     reg16 = copy.deepcopy(reg).bfloat16()
     x16 = x.detach().bfloat16().requires_grad_()
-    exact, exact_grads = exact_hint(reg16, x16, t, "mean")
+    exact, exact_grads, loss_mag, grad_mags = exact_hint(reg16, x16, t, "mean")
     tol = rtol(fan_in(reg) + t.numel() + ELEMENTWISE) + rtol(LOWP_ROUNDINGS, torch.bfloat16)
     for name, out in outs.items():
-        assert_close(out, exact, tol, what=f"{name} loss")
-        for a, b in zip(grads(out, x, reg), exact_grads):  # fp32 leaves, bf16-rounded grads
-            assert_close(a, b, tol, what=f"{name} grads")
+        assert_close(out, exact, tol, loss_mag, what=f"{name} loss")
+        for a, b, mag in zip(grads(out, x, reg), exact_grads, grad_mags):  # bf16-rounded grads
+            assert_close(a, b, tol, mag, what=f"{name} grads")
 
 
 def test_hint_teacher_gets_no_gradient():
@@ -449,29 +473,41 @@ KD_SHAPES = [(1, 1), (5, 3), (37, 11), (64, 1000), (3, 5000)]
 KD_WEIGHTS = [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.3, 2.5)]
 
 
-def exact_kd(s, t, y, temperature, ce_w, kd_w):
-    """Closed forms in float64: CE = −mean log softmax(s)[y], KD = T²·Σ p_t (log p_t − log p_s)/N.
+class ExactKD(NamedTuple):
+    """Float64 closed forms of loss, ce, kd and d loss/d s, or the magnitudes (same sums over
+    absolute values) that their rounding errors scale with."""
 
-    Returns (loss, ce, kd, d loss/d s) and the magnitudes (Σ|terms|) their errors scale with.
+    loss: torch.Tensor | float
+    ce: torch.Tensor | float
+    kd: torch.Tensor | float
+    grad: torch.Tensor
+
+
+def exact_kd(s, t, y, temperature, ce_w, kd_w) -> tuple[ExactKD, ExactKD]:
+    """CE = −mean log softmax(s)[y], KD = T²·Σ p_t (log p_t − log p_s)/N, in float64.
+
+    The gradient is the closed form ce_w·(softmax(s) − onehot(y))/N + kd_w·T·(p_s − p_t)/N.
     """
     n, T = s.shape[0], temperature
-    s64 = s.detach().double().requires_grad_()
+    s64 = s.detach().double()
 
     def log_softmax(v):
-        m = v.max(1, keepdim=True).values.detach()
+        m = v.max(1, keepdim=True).values
         return v - m - (v - m).exp().sum(1, keepdim=True).log()
 
-    log_ps, log_pt = log_softmax(s64 / T), log_softmax(t.double() / T)
-    p_t = log_pt.exp()
+    log_ps, log_pt, log_p = log_softmax(s64 / T), log_softmax(t.double() / T), log_softmax(s64)
+    p_s, p_t, p = log_ps.exp(), log_pt.exp(), log_p.exp()
+    onehot = F.one_hot(y, s.shape[1]).double()
     kd = T * T * (p_t * (log_pt - log_ps)).sum() / n
-    log_p = log_softmax(s64)
-    ce = -log_p[torch.arange(n), y].sum() / n
-    loss = ce_w * ce + kd_w * kd
-    (grad,) = torch.autograd.grad(loss, s64)
-    kd_mag = T * T * (p_t * (log_pt.abs() + log_ps.abs())).sum().item() / n
-    lse = (s64 - log_p)[:, 0]
-    ce_mag = (lse.abs() + s64[torch.arange(n), y].abs()).sum().item() / n
-    return (loss, ce, kd, grad), (ce_w * ce_mag + kd_w * kd_mag, ce_mag, kd_mag)
+    ce = -(log_p * onehot).sum() / n
+    grad = (ce_w * (p - onehot) + kd_w * T * (p_s - p_t)) / n
+    kd_mag = kd_magnitude(s64, t, T).sum().item() / n
+    ce_mag = log_softmax_magnitude(s64).mul(onehot).sum().item() / n  # |s_y| + |lse|
+    p_t_mag = softmax_magnitude(t.double() / T)
+    grad_mag = ce_w * (softmax_magnitude(s64) + onehot)
+    grad_mag = (grad_mag + kd_w * T * (softmax_magnitude(s64 / T) + p_t_mag)) / n
+    exact = ExactKD(ce_w * ce + kd_w * kd, ce, kd, grad)
+    return exact, ExactKD(ce_w * ce_mag + kd_w * kd_mag, ce_mag, kd_mag, grad_mag)
 
 
 def check_kd(impl, temperature, chunk_rows=None, shapes=KD_SHAPES):
@@ -501,7 +537,8 @@ def check_kd(impl, temperature, chunk_rows=None, shapes=KD_SHAPES):
                 if ce_w == 0 and kd_w == 0:
                     continue
                 (g,) = torch.autograd.grad(values[0], s)
-                assert_close(g, exact[3], rtol(k + ELEMENTWISE), what=f"{what} grad")  # softmax
+                tol = rtol(k + ELEMENTWISE)  # a softmax over k classes
+                assert_close(g, exact.grad, tol, mags.grad, what=f"{what} grad")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -515,10 +552,10 @@ def test_kd_without_labels_and_backward_scaling(seed):
     out = fused_kd_ce_loss(s, t, None, 2.0, impl="fused")
     assert out.ce is None
     no_labels = torch.zeros(10, dtype=torch.long)  # unused: the ce weight is 0
-    (_, _, kd, grad), (_, _, mag) = exact_kd(s, t, no_labels, 2.0, 0.0, 1.0)
-    assert_close(fused_kd_loss(s, t, 2.0), kd, rtol(7 + 70 + ELEMENTWISE), mag, what="kd")
+    exact, mags = exact_kd(s, t, no_labels, 2.0, 0.0, 1.0)
+    assert_close(fused_kd_loss(s, t, 2.0), exact.kd, rtol(7 + 70 + ELEMENTWISE), mags.kd)
     (g,) = torch.autograd.grad(out.loss * 3.5, s)
-    assert_close(g, grad * 3.5, rtol(7 + ELEMENTWISE), what="grad scaled by 3.5")
+    assert_close(g, exact.grad * 3.5, rtol(7 + ELEMENTWISE), mags.grad * 3.5, what="grad × 3.5")
     t.requires_grad_()
     fused_kd_loss(s, t, 2.0).backward()
     assert t.grad is None and s.grad is not None
@@ -528,9 +565,9 @@ def test_kd_no_grad_forward(seed):
     s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
     with torch.no_grad():
         out = fused_kd_ce_loss(s, t, y, 3.0)
-    (_, ce, kd, _), (_, ce_mag, kd_mag) = exact_kd(s, t, y, 3.0, 1.0, 1.0)
-    assert_close(out.kd, kd, rtol(5 + 30 + ELEMENTWISE), kd_mag, what="kd")
-    assert_close(out.ce, ce, rtol(5 + 6 + ELEMENTWISE), ce_mag, what="ce")
+    exact, mags = exact_kd(s, t, y, 3.0, 1.0, 1.0)
+    assert_close(out.kd, exact.kd, rtol(5 + 30 + ELEMENTWISE), mags.kd, what="kd")
+    assert_close(out.ce, exact.ce, rtol(5 + 6 + ELEMENTWISE), mags.ce, what="ce")
 
 
 def check_kd_bf16(impl, labels):
@@ -542,15 +579,15 @@ def check_kd_bf16(impl, labels):
     if labels:
         ref = ref + F.cross_entropy(s.float(), y) * 0.5
     y0 = y if labels else torch.zeros(33, dtype=torch.long)
-    (loss, _, _, grad), (mag, _, _) = exact_kd(s, t, y0, 4.0, 0.5 if labels else 0.0, 2.0)
+    exact, mags = exact_kd(s, t, y0, 4.0, 0.5 if labels else 0.0, 2.0)
     # The bf16 values are exact in float64 and the math runs in fp32: fp32 tolerance for the
     # value; the gradient is rounded to bf16 once.
     for name, v in [("reference", ref), (impl, out.loss)]:
-        assert_close(v, loss, rtol(100 + 3300 + ELEMENTWISE), mag, what=f"{name} loss")
+        assert_close(v, exact.loss, rtol(100 + 3300 + ELEMENTWISE), mags.loss, what=f"{name} loss")
         (g,) = torch.autograd.grad(v, s)
         assert g.dtype == torch.bfloat16
         tol = rtol(100 + ELEMENTWISE) + rtol(1, torch.bfloat16)
-        assert_close(g, grad, tol, what=f"{name} grad")
+        assert_close(g, exact.grad, tol, mags.grad, what=f"{name} grad")
 
 
 def test_kd_bf16_within_bf16_tolerance(seed):
@@ -654,6 +691,18 @@ def test_triton_interp_kd_many_small_blocks(seed, monkeypatch):
 def test_triton_interp_kd_bf16_and_no_labels(seed):
     check_kd_bf16("triton", labels=False)
     check_kd_bf16("triton", labels=True)
+
+
+def test_triton_hint_offsets_must_fit_int32():
+    """A sample whose element offsets pass 2³¹ goes to the chunked path, not a wrapped index."""
+    pytest.importorskip("triton")
+    from fitdist.kernels.triton_hint import int32_offsets
+
+    assert int32_offsets(torch.empty(4, 2**10, 2**20, device="meta"))
+    assert not int32_offsets(torch.empty(1, 2**11, 2**20, device="meta"))
+    flat = torch.empty(2**21, 2**10, device="meta")  # a linear regressor: one "sample"
+    assert not int32_offsets(flat.t().unsqueeze(0))
+    assert int32_offsets(torch.empty(2**12, 2**10, device="meta").t().unsqueeze(0))
 
 
 @needs_interpreter

@@ -11,7 +11,13 @@ import zlib
 import pytest
 import torch
 
-from fitdist.kernels.accuracy import ELEMENTWISE, assert_close, rtol
+from fitdist.kernels.accuracy import (
+    ELEMENTWISE,
+    assert_close,
+    kd_magnitude,
+    rtol,
+    softmax_magnitude,
+)
 from fitdist.losses import hint_loss, kd_loss
 
 BASE_SEED = int(os.environ.get("FITDIST_TEST_SEED") or random.randrange(2**31))
@@ -29,14 +35,13 @@ def seed(request) -> int:
 def kd_closed_form(s: torch.Tensor, t: torch.Tensor, T: float) -> tuple[torch.Tensor, float]:
     """T² · (1/B) Σ_b Σ_i p_t,i (log p_t,i − log p_s,i), written out in float64.
 
-    Also returns the magnitude its rounding errors scale with, T²/B · Σ p_t (|log p_t| + |log p_s|).
+    Also returns the magnitude its fp32 rounding errors scale with (`accuracy.kd_magnitude`).
     """
+    magnitude = kd_magnitude(s.detach(), t, T).mean().item()
     s, t = s.double() / T, t.double() / T
     p_t = t.exp() / t.exp().sum(-1, keepdim=True)
     log_p_s = s - s.exp().sum(-1, keepdim=True).log()
-    scale = T * T / s.shape[0]
-    magnitude = scale * (p_t * (p_t.log().abs() + log_p_s.abs())).sum().item()
-    return scale * (p_t * (p_t.log() - log_p_s)).sum(), magnitude
+    return T * T / s.shape[0] * (p_t * (p_t.log() - log_p_s)).sum(), magnitude
 
 
 def kd_tol(shape) -> float:
@@ -57,10 +62,11 @@ def test_kd_value_and_grad_match_closed_form(shape, T, seed):
     assert loss.dtype == torch.float32
     assert_close(loss, ref, kd_tol(shape), magnitude, what="kd")
     # d/ds of T²·KL = T · (p_s − p_t) / B
-    p_s = (s64.detach() / T).softmax(-1)
-    expected = T * (p_s - (t.double() / T).softmax(-1)) / shape[0]
-    assert_close(s.grad, expected, rtol(shape[-1] + ELEMENTWISE), what="kd grad")
-    assert_close(s64.grad, expected, 1e-12, what="autograd of the closed form")  # float64
+    s_T, t_T = s64.detach() / T, t.double() / T
+    expected = T * (s_T.softmax(-1) - t_T.softmax(-1)) / shape[0]
+    grad_mag = T * (softmax_magnitude(s_T) + softmax_magnitude(t_T)) / shape[0]
+    assert_close(s.grad, expected, rtol(shape[-1] + ELEMENTWISE), grad_mag, what="kd grad")
+    assert_close(s64.grad, expected, 1e-12, grad_mag, what="autograd of the closed form")
 
 
 def test_kd_is_zero_for_equal_logits_and_positive_otherwise(seed):
@@ -101,15 +107,13 @@ def test_hint_mean_and_paper_match_closed_forms(shape, seed):
     pred = torch.randn(*shape, requires_grad=True)
     target = torch.randn(*shape)
     d = pred.detach().double() - target.double()
+    rho = pred.detach().double().abs() + target.double().abs()  # what d's rounding scales with
     tol_sum, tol_elem = rtol(d.numel() + ELEMENTWISE), rtol(ELEMENTWISE)
-    mean = hint_loss(pred, target, "mean")
-    assert_close(mean, (d**2).sum() / d.numel(), tol_sum, what="mean")
-    (g_mean,) = torch.autograd.grad(mean, pred)
-    assert_close(g_mean, 2 * d / d.numel(), tol_elem, what="d mean")
-    paper = hint_loss(pred, target, "paper")
-    assert_close(paper, 0.5 * (d**2).sum() / shape[0], tol_sum, what="paper")
-    (g_paper,) = torch.autograd.grad(paper, pred)
-    assert_close(g_paper, d / shape[0], tol_elem, what="d paper")
+    for name, scale in [("mean", 1.0 / d.numel()), ("paper", 0.5 / shape[0])]:
+        loss = hint_loss(pred, target, name)
+        assert_close(loss, scale * (d**2).sum(), tol_sum, scale * (rho**2).sum(), what=name)
+        (grad,) = torch.autograd.grad(loss, pred)
+        assert_close(grad, 2 * scale * d, tol_elem, 2 * scale * rho, what=f"d {name}")
 
 
 def test_hint_in_fp32_for_bf16_inputs_and_rejects_bad_input(seed):
@@ -117,7 +121,9 @@ def test_hint_in_fp32_for_bf16_inputs_and_rejects_bad_input(seed):
     out = hint_loss(p, t)
     assert out.dtype == torch.float32
     d = p.double() - t.double()  # bf16 values are exact in float64; the loss is fp32-accurate
-    assert_close(out, (d**2).mean(), rtol(d.numel() + ELEMENTWISE), what="mean from bf16")
+    rho = p.double().abs() + t.double().abs()
+    tol = rtol(d.numel() + ELEMENTWISE)
+    assert_close(out, (d**2).mean(), tol, (rho**2).mean(), what="mean from bf16")
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 4, 5\)"):
         hint_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError, match="reduction"):

@@ -113,13 +113,14 @@ def fused_hint_loss(
         return hint_loss(regressor(student_feat), teacher_hint, reduction)
     check_hint_shapes(student_feat, spec, teacher_hint)
     if which == "triton" and spec.kind == "pointwise":
-        from fitdist.kernels.triton_hint import triton_pointwise_hint
+        from fitdist.kernels.triton_hint import int32_offsets, triton_pointwise_hint
 
-        scale = hint_scale(reduction, teacher_hint)
-        dtype = compute_dtype(student_feat, spec.weight)
         x3, h3 = as_maps(student_feat, teacher_hint.detach(), spec.weight.dim() == 2)
-        with torch.autocast(student_feat.device.type, enabled=False):
-            return triton_pointwise_hint(x3, spec, h3, scale, dtype)
+        if int32_offsets(x3, h3):  # else a sample too large for its offsets: chunked PyTorch
+            scale = hint_scale(reduction, teacher_hint)
+            dtype = compute_dtype(student_feat, spec.weight)
+            with torch.autocast(student_feat.device.type, enabled=False):
+                return triton_pointwise_hint(x3, spec, h3, scale, dtype)
     return chunked_hint_loss(student_feat, spec, teacher_hint, reduction, chunk_rows)
 
 

@@ -126,6 +126,19 @@ def _hint_bwd(x_ptr, w_ptr, b_ptr, t_ptr, coef_ptr, gx_ptr, gw_ptr, gb_ptr, Cs, 
             tl.atomic_add(gw_ptr + offs_o[:, None] * Cs + offs_c[None, :], gw, mask=mw)
 
 
+def int32_offsets(*maps: torch.Tensor) -> bool:
+    """Whether the kernels' in-sample offsets fit int32 for these `b c p` maps.
+
+    Only the sample index is widened to int64 in the kernels; an element offset within a sample
+    (from the strides, and `c·p` in the grad-input buffer) past 2³¹ would wrap around silently.
+    """
+    for m in maps:
+        extent = sum((n - 1) * abs(st) for n, st in zip(m.shape[1:], m.stride()[1:]))
+        if max(extent, m[0].numel()) >= 2**31:
+            return False
+    return True
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
