@@ -107,6 +107,16 @@ def fan_out(module: nn.Module) -> int:
     return w.shape[0] * w[0, 0].numel()
 
 
+def abs_projection(module: nn.Module) -> nn.Module:
+    """A float64 copy of the projection with |W| and |b|: applied to |x| it gives Σ|w·x| + |b|,
+    the size z's rounding error scales with."""
+    proj = copy.deepcopy(projection(module)).double()
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.abs_()
+    return proj
+
+
 def make_hint(reg, x, t_shape, relu, dtype=torch.float32):
     """A random hint; with ReLU, ≥ 0 and 0 wherever the projection z is within rounding of 0.
 
@@ -116,13 +126,9 @@ def make_hint(reg, x, t_shape, relu, dtype=torch.float32):
     """
     t = torch.randn(t_shape)
     if relu:
-        proj = projection(reg)
-        p64 = copy.deepcopy(proj).double()
         with torch.no_grad():
-            z = p64(x.detach().double())
-            for p in p64.parameters():
-                p.abs_()
-            z_terms = p64(x.detach().double().abs())  # Σ|w·x| + |b|: what z's error scales with
+            z = copy.deepcopy(projection(reg)).double()(x.detach().double())
+            z_terms = abs_projection(reg)(x.detach().double().abs())
         t = t.abs().double()
         margin = rtol(fan_in(reg)) + (rtol(1, dtype) if dtype != torch.float32 else 0.0)
         t[z.abs() <= margin * z_terms] = 0
@@ -142,10 +148,7 @@ def exact_hint(module, x, t, reduction):
     scale = 1.0 / sq.numel() if reduction == "mean" else 0.5 / sq.shape[0]
     loss = scale * sq.sum()
     grads = torch.autograd.grad(loss, [x64, *m64.parameters()])
-    abs_proj = copy.deepcopy(projection(m64))
-    with torch.no_grad():
-        for p in abs_proj.parameters():
-            p.abs_()
+    abs_proj = abs_projection(module)
     x_abs = x64.detach().abs().requires_grad_()
     z_terms = abs_proj(x_abs)
     rho = z_terms.detach() + t.double().abs()
@@ -241,6 +244,18 @@ def test_hint_under_cpu_autocast_matches_reference(seed):
         assert_close(out, exact, tol, loss_mag, what=f"{name} loss")
         for a, b, mag in zip(grads(out, x, reg), exact_grads, grad_mags):  # bf16-rounded grads
             assert_close(a, b, tol, mag, what=f"{name} grads")
+
+
+@pytest.mark.parametrize("kind", ["conv1x1", "linear", "convkxk"])
+def test_hint_float64_under_autocast_stays_float64(kind, seed):
+    """Autocast leaves float64 operands alone: so must the fused path (it used bf16)."""
+    s_shape, t_shape = HINT_SHAPES[kind][1]
+    reg = make_regressor(kind, s_shape, t_shape, False, True, torch.float64)
+    x = torch.randn(s_shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(t_shape, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = {"reference": hint_loss(reg(x), t), "fused": fused_hint_loss(x, reg, t)}
+    check_hint_exact(reg, x, t, "mean", outs)
 
 
 def test_hint_teacher_gets_no_gradient():

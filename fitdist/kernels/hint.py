@@ -39,11 +39,16 @@ def hint_scale(reduction: str, target: torch.Tensor) -> float:
 
 
 def compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The dtype the reference regressor would run in (autocast's, else type promotion)."""
+    """The dtype the reference regressor would run in: autocast's, else type promotion.
+
+    Autocast casts only fp32/fp16/bf16 operands: a float64 regressor on float64 feats runs in
+    float64 under it too (and a float64/fp32 mix would fail in the reference).
+    """
+    promoted = torch.promote_types(x.dtype, w.dtype)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and promoted != torch.float64:
         return torch.get_autocast_dtype(dev)
-    return torch.promote_types(x.dtype, w.dtype)
+    return promoted
 
 
 def as_maps(
