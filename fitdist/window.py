@@ -13,7 +13,8 @@ from fitdist.distiller import TERMS
 class Window:
     """Loss terms, weights and throughput over the steps since the last log row, on every rank.
 
-    A row's weights (`lambda` for kd, `weight/ce`, `weight/hint`) are their means over the row's
+    A row's weights (`lambda` for kd, always; `weight/ce`, `weight/hint` for the terms computed) are
+    their means over the row's
     micro-batches, and each term is its mean weighted by its own weight (the plain mean when the
     weight is constant, or 0 throughout), so every row satisfies
     `train/loss = weight/ce·train/ce + lambda·train/kd + weight/hint·train/hint` exactly, even
@@ -55,8 +56,9 @@ class Window:
             if self.weights[k] != 0:  # Σ over ranks of Σ w·v, over Σ over ranks of Σ w
                 row[f"train/{k}"] = totals[i] / (self.weights[k] * world)
         mean = {t: self.weights[t] / micro for t in TERMS}
-        row.update({"lambda": mean["kd"], "weight/ce": mean["ce"], "weight/hint": mean["hint"], "lr": self.lr,
-                    "grad_norm": self.norm, "train/skipped_steps": self.skipped,
+        row["lambda"] = mean["kd"]  # always: the FitNets schedule's chart spans every stage
+        row.update({f"weight/{t}": mean[t] for t in ("ce", "hint") if t in self.sums})
+        row.update({"lr": self.lr, "grad_norm": self.norm, "train/skipped_steps": self.skipped,
                     "perf/img_per_s": self.images * world / max(time.perf_counter() - self.started, 1e-9)})
         self.__init__()
         return row
