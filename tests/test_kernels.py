@@ -17,17 +17,24 @@ import copy
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fp_accuracy import (
+    BASE_SEED,
+    ELEMENTWISE,
+    assert_close,
+    kd_magnitude,
+    log_softmax_magnitude,
+    rtol,
+    softmax_magnitude,
+)
 from torch import nn
 
 from fitdist import kernels
@@ -38,33 +45,16 @@ from fitdist.kernels import (
     select_impl,
     supports_fused_hint,
 )
-from fitdist.kernels.accuracy import (
-    ELEMENTWISE,
-    assert_close,
-    kd_magnitude,
-    log_softmax_magnitude,
-    rtol,
-    softmax_magnitude,
-)
 from fitdist.kernels.hint import chunks
 from fitdist.losses import hint_loss, kd_loss
 from fitdist.regressors import Regressor, build_regressor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child")
-BASE_SEED = int(os.environ.get("FITDIST_TEST_SEED") or random.randrange(2**31))
 # bf16 results are rounded to bf16 at most three times on their way (the projection, dz before
 # the grad-input matmul, the stored gradient); each rounding is one bf16 eps at most.
 LOWP_ROUNDINGS = 3
 
-
-@pytest.fixture
-def seed(request) -> int:
-    """This run's seed for this test: fresh each run unless FITDIST_TEST_SEED fixes it."""
-    s = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
-    torch.manual_seed(s)
-    print(f"reproduce with FITDIST_TEST_SEED={BASE_SEED} (torch.manual_seed({s}) in this test)")
-    return s
 
 
 # ------------------------------------------------------------------------------------ hint: helpers
@@ -760,3 +750,14 @@ def test_bench_losses_smoke(capsys):
     report = json.loads(capsys.readouterr().out)
     assert [r["case"] for r in report["results"]] == ["hint small", "kd small"]
     assert all(r["ref_ms"] > 0 and r["fused_peak_mib"] >= 0 for r in report["results"])
+
+
+def test_fused_hint_weight_gradient_keeps_the_weight_layout(seed):
+    """A channels_last student has a channels_last 1×1 regressor weight; its gradient must have
+    the same strides (DDP's gradient buckets copy a gradient of another layout every step)."""
+    regressor = build_regressor((16, 5, 5), (24, 5, 5)).to(memory_format=torch.channels_last)
+    weight = regressor.proj.weight
+    assert weight.stride() != torch.empty(weight.shape).stride()
+    feats = torch.randn(3, 16, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kernels.fused_hint_loss(feats, regressor, torch.randn(3, 24, 5, 5), impl="fused").backward()
+    assert weight.grad.stride() == weight.stride()

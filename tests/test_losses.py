@@ -1,35 +1,21 @@
 """The reference losses against their closed forms in float64, values and gradients, fp32 and bf16.
 
-Tolerances come from `fitdist.kernels.accuracy.rtol` (the length of the reductions involved);
+Tolerances come from `fp_accuracy.rtol` (the length of the reductions involved);
 inputs are fresh each run, from the seed the `seed` fixture prints (FITDIST_TEST_SEED fixes it).
 """
 
-import os
-import random
-import zlib
 
 import pytest
 import torch
-
-from fitdist.kernels.accuracy import (
+from fp_accuracy import (
     ELEMENTWISE,
     assert_close,
     kd_magnitude,
     rtol,
     softmax_magnitude,
 )
+
 from fitdist.losses import hint_loss, kd_loss
-
-BASE_SEED = int(os.environ.get("FITDIST_TEST_SEED") or random.randrange(2**31))
-
-
-@pytest.fixture
-def seed(request) -> int:
-    """This run's seed for this test: fresh each run unless FITDIST_TEST_SEED fixes it."""
-    s = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
-    torch.manual_seed(s)
-    print(f"reproduce with FITDIST_TEST_SEED={BASE_SEED} (torch.manual_seed({s}) in this test)")
-    return s
 
 
 def kd_closed_form(s: torch.Tensor, t: torch.Tensor, T: float) -> tuple[torch.Tensor, float]:

@@ -129,7 +129,9 @@ class PointwiseHint(torch.autograd.Function):
                     gw.addmm_(dzc[i], xc[i].t())
                 else:
                     gw += torch.matmul(dzc[i], xc[i].t()).float()
-        grad_w = gw.to(weight.dtype).view_as(weight) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # in the weight's own layout (a channels_last 1×1 conv's, say):
+            grad_w = torch.empty_like(weight).copy_(gw.view(weight.shape))  # DDP buckets expect it
         grad_b = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return gx, grad_w, grad_b, None, None, None, None, None
 

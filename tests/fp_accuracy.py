@@ -21,6 +21,8 @@ same inputs (float64's own error is ~10⁻⁹ of fp32's, negligible), elementwis
 from __future__ import annotations
 
 import math
+import os
+import random
 
 import torch
 
@@ -94,3 +96,7 @@ def assert_close(
             f"{what}: |error| {err:.3e} > {tol:.2e} × magnitude {m:.3e} at flat index {i.item()} "
             f"(error/magnitude {err / m if m else math.inf:.2e})"
         )
+
+
+BASE_SEED = int(os.environ.get("FITDIST_TEST_SEED") or random.randrange(2**31))
+
