@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitdist import kernels
-from fitdist.errors import UserError
+from fitdist.config import Weight, nonzero_weight
 from fitdist.features import FeatureTap
 from fitdist.precision import autocast
 
@@ -74,13 +74,9 @@ class Student(nn.Module):
         return logits, hint_losses
 
 
-def used_terms(weights: dict[str, float | list[float]]) -> frozenset[str]:
-    """The terms a stage computes: those whose weight is not zero at every step."""
-    return frozenset(t for t in TERMS if any(v != 0 for v in _as_list(weights.get(t, 0.0))))
-
-
-def _as_list(w) -> list[float]:
-    return list(w) if isinstance(w, (list, tuple)) else [w]
+def used_terms(weights: dict[str, Weight]) -> frozenset[str]:
+    """The terms to compute: those whose weight (a constant or a schedule) is ever non-zero."""
+    return frozenset(t for t in TERMS if nonzero_weight(weights.get(t, 0.0)))
 
 
 class Distiller:
@@ -102,7 +98,7 @@ class Distiller:
         if self.terms is not None and not self.terms <= set(TERMS):
             raise ValueError(f"Distiller: terms must be among {TERMS}, got {sorted(self.terms)}")
         if teacher is None and self.terms and self.terms & {"kd", "hint"}:
-            raise UserError("Distiller: the kd and hint terms need a teacher")
+            raise ValueError("Distiller: the kd and hint terms need a teacher")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         use = self.terms if self.terms is not None else used_terms(weights)
@@ -121,9 +117,8 @@ class Distiller:
             if out.ce is not None:
                 terms["ce"] = out.ce
         elif "ce" in use:
-            terms["ce"] = F.cross_entropy(s_logits.float(), labels)
-            loss = w["ce"] * terms["ce"]
-            terms["ce"] = terms["ce"].detach()
+            ce = F.cross_entropy(s_logits.float(), labels)
+            loss, terms["ce"] = w["ce"] * ce, ce.detach()
         if "hint" in use:
             hint = torch.stack(hint_losses).sum()
             loss = loss + w["hint"] * hint
