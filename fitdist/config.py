@@ -92,7 +92,10 @@ class StageConfig:
     # scale of FitNets' λ·H(P_t^τ, P_s^τ) for which its λ 4 → 1 was chosen (T² = 9× less at τ = 3)
     kd: Weight = 0.0
     hint: Weight = 0.0  # weight of the hint loss(es)
-    trainable: Literal["auto", "all"] = "auto"  # auto: freeze what the stage's losses do not reach
+    # A term whose weight is ever non-zero is computed on every step of the stage (at weight 0 too).
+    # auto: freeze what the stage's losses do not reach (FitNets stage 1: the student above its
+    # guided layer); all: keep it trainable (it still gets no gradient and stays as it is)
+    trainable: Literal["auto", "all"] = "auto"
     optim: OptimConfig | None = None  # this stage's keys over the top-level optim (None: that one)
 
 
