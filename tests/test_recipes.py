@@ -120,6 +120,8 @@ def test_cifar10_fitnets_paper(results, n):
         hint_stage["trainable_params"] < r["student"]["params"] / 2
     )  # only up to the guided layer
     assert kd_stage["weights"] == {"ce": 1.0, "kd": 4.0, "hint": 0.0}  # λ starts at 4
+    last = kd_stage["last"]  # the dry run also ran the stage's last step, where λ has reached 1
+    assert last["step"] == kd_stage["steps"] - 1 and last["weights"]["kd"] == 1.0
     assert kd_stage["optim"] == "rmsprop"
     # every FitNet is cheaper to run than the teacher (the paper reports speed-ups of 1.4x-13x)
     assert r["student"]["macs"] < r["teacher"]["macs"]
