@@ -352,10 +352,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         data.setdefault("name", path.stem)
     # Overrides edit the data as written (no defaults filled in), so that a stage's optim block
     # holds only the keys the user set when it is merged over the top-level one below.
+    # Each state is type-checked before the next override descends into it, and the last before
+    # the merge copies the top-level optim keys into stages: errors name keys where they were written.
+    _build(Config, data)
     for text in overrides:
-        _build(Config, data)  # type-checked before _set_dotted descends into it
         _set_dotted(data, Config, *parse_override(text))
-    _build(Config, data)  # errors name keys where they were written, before the merge copies them
+        _build(Config, data)
     return validate(_build(Config, _merge_stage_optims(data)))
 
 

@@ -40,7 +40,6 @@ class FeatureTap:
             except AttributeError:
                 raise UserError(f"{where}: no module {path!r} in the model{did_you_mean(path, names)}") from None
         self._handles = [m.register_forward_hook(self._hook(p)) for m, p in zip(modules, unique)]
-        self._wanted = len(unique)
         self._feats: dict[str, torch.Tensor] = {}
         self._active = self._stop_early = False
         # called once per forward, with no arguments, when the last feature arrives (the point
@@ -57,7 +56,7 @@ class FeatureTap:
             if not isinstance(output, torch.Tensor):
                 raise UserError(f"{self.where}: module {path!r} does not return a tensor")
             self._feats[path] = output
-            if len(self._feats) == self._wanted:
+            if len(self._feats) == len(self._handles):  # one hook per distinct path
                 if self.on_complete is not None:
                     self.on_complete()
                 if self._stop_early:
@@ -70,7 +69,7 @@ class FeatureTap:
 
         A feature whose module never ran is None (`probe` turns that into an error)."""
         self._feats, self._active = {}, True
-        self._stop_early = stop_early and bool(self.paths)
+        self._stop_early = stop_early
         try:
             logits = self.run(x)
         finally:

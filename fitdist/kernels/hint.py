@@ -62,10 +62,7 @@ def as_maps(
     """
     if not linear:
         return rearrange(feats, "b c h w -> b c (h w)"), rearrange(hint, "b c h w -> b c (h w)")
-    return (
-        feats.reshape(-1, feats.shape[-1]).t().unsqueeze(0),
-        hint.reshape(-1, hint.shape[-1]).t().unsqueeze(0),
-    )
+    return rearrange(feats, "... c -> 1 c (...)"), rearrange(hint, "... c -> 1 c (...)")
 
 
 def chunks(batch: int, positions: int, rows: int) -> Iterator[tuple[slice, slice]]:
