@@ -1,20 +1,29 @@
-"""The `fitdist` command: train, eval, quickstart, shard, bench, report (thin: parse, call, exit codes).
+"""The `fitdist` command: train, check, eval, quickstart, export, shard, bench, report (thin: parse,
+call, exit codes).
 
-Bad input of any kind (`UserError`) is reported as one line on stderr with exit status 2.
+Bad input of any kind (`UserError`) is reported as one line on stderr with exit status 2. Under
+torchrun, an error that every rank hits identically (bad arguments, config keys, types, world-size
+rules, model names and hint paths: everything decided before a rank touches a file) is printed by
+rank 0 alone, and the other ranks exit 2 silently. Any other `UserError` (a missing file, bad data)
+is printed by each rank that meets it: it may be one rank's alone (a node-local path), and a rank
+that failed silently would leave nobody to say why.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import contextlib
 import json
+import os
 import sys
+from pathlib import Path
 
 from fitdist.errors import UserError
-from fitdist.preemption import PREEMPTED_EXIT, Preempted
+from fitdist.preemption import PREEMPTED_EXIT, PeersLost, Preempted
 from fitdist.trainer import Diverged
 
-BENCHES = ("losses", "data", "step", "ddp")
+BENCHES = ("losses", "data", "step", "ddp", "infer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--dry-run", action="store_true",
                    help="build the models, probe hint shapes and run one step on random data; no data needed")
+    c = sub.add_parser("check", help="validate a config and overrides without data or weights (the launch scripts' "
+                                     "first step); exit 2 with one line if bad")
+    c.add_argument("config", help="YAML config file")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
+    c.add_argument("--nproc-per-node", help="processes per node the run will have (checks world-size rules)")
+    c.add_argument("--nnodes", help="nodes the run will have (a min:max range skips the world-size rules)")
+    c.add_argument("--resume", action="store_true", help="accepted and ignored (train's flags pass through)")
+    c.add_argument("--dry-run", action="store_true", help="accepted and ignored")
     e = sub.add_parser("eval", help="top-1/top-5 of a run or a student.pt on the test split, as one JSON line")
     e.add_argument("path", help="run directory, checkpoint directory or student.pt inside a run")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
@@ -38,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default runs/quickstart)")
     q.add_argument("--scale", type=float, default=1.0, help="multiply every step count (e.g. 0.1 for a smoke run)")
     q.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (e.g. data.root=DIR)")
+    x = sub.add_parser("export", help="the student as a file that runs without fitdist: torchscript, exported, onnx")
+    x.add_argument("run", help="run directory (or student.pt inside one)")
+    x.add_argument("--format", required=True, choices=("torchscript", "exported", "onnx"), dest="fmt")
+    x.add_argument("--out", help="output file (default: <run>/student.<ts|pt2|onnx>)")
+    x.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     sub.add_parser("shard", help="write WebDataset shards (see `fitdist shard --help`)", add_help=False)
     sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}", add_help=False)
     sub.add_parser("report", help="plots and a results table from runs' metrics.jsonl", add_help=False)
@@ -49,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except UserError as e:
-        print(f"fitdist: error: {e}", file=sys.stderr)
+        if not (getattr(e, "every_rank", False) and _rank() > 0):
+            print(f"fitdist: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(f"fitdist: {e}", file=sys.stderr)
@@ -57,9 +80,30 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"fitdist: error: {e}", file=sys.stderr)
         return 3
+    except PeersLost as e:  # torchrun is stopping the group to restart it: leave now, quietly
+        print(f"fitdist: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fitdist: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job with several processes, else 0."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def _every_rank():
+    """Marks a `UserError` raised inside as one every rank hits identically (rank 0 reports it)."""
+    try:
+        yield
+    except UserError as e:
+        e.every_rank = True
+        raise
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -72,17 +116,26 @@ def _dispatch(argv: list[str]) -> int:
         if len(argv) < 2 or argv[1] not in BENCHES:
             raise UserError(f"bench: name one of {', '.join(BENCHES)}")
         return importlib.import_module(f"fitdist.bench.{argv[1]}").main(argv[2:])
-    parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    # overrides may also follow a flag (`train CONFIG --dry-run optim.lr=0.1`)
-    if any(arg.startswith("-") or "=" not in arg for arg in rest):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = [*args.overrides, *rest]
+    with _every_rank():  # every rank parses the same arguments
+        args = _parse(argv)
+    if args.command == "check":
+        from fitdist.check import check, parse_world
+        from fitdist.config import load_config
+
+        world = parse_world(args.nproc_per_node, args.nnodes)
+        print(check(load_config(args.config, args.overrides), world or 1, files=True)
+              + ("" if world else " (elastic: world-size rules not checked)"))
+        return 0
     if args.command == "train":
+        from fitdist.check import deterministic_checks
         from fitdist.config import load_config
         from fitdist.trainer import train
 
-        cfg = load_config(args.config, args.overrides)
+        if not Path(args.config).is_file():  # may be missing on one node only: each rank says so
+            raise UserError(f"config file not found: {args.config}")
+        with _every_rank():  # from here on only the arguments decide: every rank decides the same
+            cfg = load_config(args.config, args.overrides)
+            deterministic_checks(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if args.dry_run:
             from fitdist.dryrun import dry_run
 
@@ -95,10 +148,25 @@ def _dispatch(argv: list[str]) -> int:
 
         print(json.dumps(evaluate_run(args.path, args.overrides)))
         return 0
+    if args.command == "export":
+        from fitdist.export import export
+
+        print(export(args.run, args.fmt, args.out, args.overrides))
+        return 0
     from fitdist.quickstart import quickstart
 
     quickstart(args.out, args.scale, args.overrides)
     return 0
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also follow a flag (`train CONFIG --dry-run optim.lr=0.1`)
+    if any(arg.startswith("-") or "=" not in arg for arg in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = [*args.overrides, *rest]
+    return args
 
 
 if __name__ == "__main__":

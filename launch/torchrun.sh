@@ -54,4 +54,12 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 : "${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...] [--resume]}"
 config="$1"
 shift
+# Check the config and overrides once, in this one process, before torchrun starts any rank: a typo
+# then exits 2 with one line, not one error per rank plus torchrun's traceback (no data is read and
+# no weights loaded). slurm.sbatch checks once per job and sets FITDIST_CHECKED for its nodes.
+if [ -z "${FITDIST_CHECKED:-}" ]; then
+  "$PYTHON" -m fitdist.cli check "$config" ${extra[@]+"${extra[@]}"} "$@" \
+    --nproc-per-node "$NPROC" --nnodes "$NNODES" >/dev/null
+fi
+if [ -n "${FITDIST_CHECK_ONLY:-}" ]; then exit 0; fi
 exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m fitdist.cli train "$config" ${extra[@]+"${extra[@]}"} "$@"

@@ -1,0 +1,112 @@
+"""`fitdist check CONFIG [key=value ...]`: validate a config in seconds, before any rank starts.
+
+The launch scripts (launch/torchrun.sh, launch/slurm.sbatch) run this once, in one process, so a
+typo costs one line and exit status 2 instead of one traceback per rank per node. It reads no
+data and loads no weights:
+
+- keys, types and cross-field rules (`load_config`);
+- what depends on the world size: `strategy.kind: single` with several processes, a global batch
+  that grad_accum × world does not divide (the same messages the trainer gives);
+- model names and kwargs of `fitdist:` and `torchvision:` models, and every hint path, by building
+  the models on the meta device (no memory, no weights); custom `pkg.module:factory` models are
+  only imported, since their constructors may do things a meta tensor cannot;
+- with `files=True` (the launch scripts, never inside ranks): that `teacher.weights` and
+  `strategy.deepspeed_config` exist on this machine.
+
+`deterministic_checks` is the subset every rank of a run computes identically (no file system):
+the CLI runs it inside each rank too and, when it fails, only rank 0 prints the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import torch
+
+from fitdist.config import Config
+from fitdist.errors import UserError
+
+PLACEHOLDER_CLASSES = 10  # class count for meta builds when the data would tell (shards' manifest)
+
+
+def world_checks(cfg: Config, world: int) -> None:
+    """The config against the number of processes (the trainer raises the same errors)."""
+    if world > 1 and cfg.strategy.kind == "single":
+        raise UserError(f"strategy.kind: 'single' cannot run with {world} processes; use strategy.kind=ddp")
+    per_step = cfg.train.batch_size // cfg.train.grad_accum
+    if per_step * cfg.train.grad_accum != cfg.train.batch_size or per_step % world:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by grad_accum × world size "
+                        f"({cfg.train.grad_accum} × {world})")
+
+
+def model_checks(cfg: Config) -> None:
+    """Model names, kwargs and hint paths, from models built on the meta device."""
+    classes = cfg.data.num_classes or PLACEHOLDER_CLASSES
+    channels = 1 if cfg.data.source == "fashion-mnist" else 3
+    models = [("student", cfg.student, [h.student for h in cfg.hints])]
+    if cfg.teacher is not None:
+        models.append(("teacher", cfg.teacher, [h.teacher for h in cfg.hints]))
+    for where, model_cfg, paths in models:
+        model = _meta_model(where, model_cfg, classes, channels)
+        if model is None:
+            continue
+        from fitdist.features import FeatureTap
+
+        FeatureTap(model, paths, where=f"{where} hint").remove()  # the trainer's own message
+
+
+def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.Module | None:
+    from fitdist.models import build_model
+
+    kind, sep, name = model_cfg.name.partition(":")
+    if sep and name and kind not in ("fitdist", "torchvision"):
+        try:  # a user factory: importable is all we can say without running its constructor
+            getattr(importlib.import_module(kind), name)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"{where}.name: cannot import {kind}:{name} ({e})") from None
+        return None
+    try:
+        with torch.device("meta"):
+            return build_model(dataclasses.replace(model_cfg, weights=None), classes, channels, where=where)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot live on meta: the real run will tell
+        return None
+
+
+def file_checks(cfg: Config) -> None:
+    """Files the run needs at its start, checked on this machine (not inside ranks: a node-local
+    path can exist on one node and not another, and each rank must then say so itself)."""
+    if cfg.teacher is not None:
+        if not cfg.teacher.weights:
+            raise UserError("teacher.weights: a teacher needs a trained weights file (a run's student.pt)")
+        if not Path(cfg.teacher.weights).is_file():
+            raise UserError(f"teacher.weights: file not found: {cfg.teacher.weights}")
+    ds = cfg.strategy.deepspeed_config
+    if cfg.strategy.kind == "deepspeed" and ds and not Path(ds).is_file():
+        raise UserError(f"strategy.deepspeed_config: file not found: {ds}")
+
+
+def deterministic_checks(cfg: Config, world: int) -> None:
+    """The checks every rank computes identically from the same arguments."""
+    world_checks(cfg, world)
+    model_checks(cfg)
+
+
+def check(cfg: Config, world: int = 1, files: bool = True) -> str:
+    """Raises the first `UserError` found; returns a one-line description of a good config."""
+    deterministic_checks(cfg, world)
+    if files:
+        file_checks(cfg)
+    stages = ", ".join(f"{s.name} {s.steps}" for s in cfg.stages)
+    return f"config OK: {cfg.name} (stages: {stages}; world size {world}; strategy {cfg.strategy.kind})"
+
+
+def parse_world(nproc: str | None, nnodes: str | None) -> int | None:
+    """World size from torchrun's --nproc-per-node / --nnodes values; None when elastic (min:max)."""
+    try:
+        return int(nproc or 1) * int(nnodes or 1)
+    except ValueError:
+        return None
