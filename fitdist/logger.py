@@ -36,6 +36,8 @@ class Logger(NullLogger):
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in finish(); line-buffered so a kill loses no row
         self.tty = sys.stderr.isatty()
         self._bar = None
+        # images per optimizer step (all ranks): the bar's steps/s times this is the img/s users compare
+        self.batch_size = int((config.get("train") or {}).get("batch_size") or 0)
         self._wandb = _start_wandb(run_dir, name, config, wandb_cfg, run_id)
         self.run_id = self._wandb.id if self._wandb else run_id
 
@@ -57,7 +59,8 @@ class Logger(NullLogger):
             self._close_bar()
             self._bar = tqdm(total=total, desc=stage, initial=step, dynamic_ncols=True, leave=True)
         self._bar.update(step - self._bar.n)
-        self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        self._bar.set_postfix(bar_postfix(metrics, _steps_per_s(self._bar), self.batch_size),
+                              refresh=False)
 
     def print(self, text: str) -> None:
         if self._bar is not None:
@@ -75,6 +78,23 @@ class Logger(NullLogger):
         self.jsonl.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def _steps_per_s(bar) -> float | None:
+    """tqdm's smoothed rate once it has one (it updates it only at redraws), else the mean so far."""
+    d = bar.format_dict
+    if d.get("rate"):
+        return d["rate"]
+    done = d["n"] - d.get("initial", 0)
+    return done / d["elapsed"] if done > 0 and d["elapsed"] > 0 else None
+
+
+def bar_postfix(metrics: dict, steps_per_s: float | None, batch_size: int) -> dict:
+    """The bar's numbers: running loss terms, then img/s (tqdm's smoothed steps/s × global batch)."""
+    post = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()}
+    if steps_per_s and batch_size:
+        post["img/s"] = f"{steps_per_s * batch_size:,.0f}"
+    return post
 
 
 def _plain(v):

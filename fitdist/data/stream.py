@@ -131,7 +131,7 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
     want = expected if limit is None else min(limit, expected or limit)
     if want is not None and seen < want:
         why = f"{want - seen} of {want} samples missing (truncated or damaged shard)"
-        stats.skip(want - seen, f"{name}: after {key}", why)
+        stats.skip(want - seen, f"{name}: after {key}" if key else name, why)  # key: None if nothing read
 
 
 def _shuffled(
