@@ -1,14 +1,21 @@
 """`fitdist report RUN_DIR [RUN_DIR ...] --out DIR`: plots and a results table from finished runs.
 
-Reads each run directory's `metrics.jsonl` (one row per log step), `summary.json` (final
+A directory that is not itself a run (no `metrics.jsonl`) stands for every run below it, as a
+TensorBoard log directory does: `fitdist report runs/quickstart` reports the teacher and the three
+students. Reads each run directory's `metrics.jsonl` (one row per log step), `summary.json` (final
 evaluation, written at the end of a run) and `config.yaml` (the resolved config), and writes to
 `--out`:
 
 - `loss-<run>.png`: the training loss terms (`train/loss`, `ce`, `kd`, `hint`), one panel per stage;
 - `schedule.png`: λ (the KD weight) and the learning rate against the global step, every run;
-- `val_top1.png`: validation top-1 of every run on one chart;
-- `results.md`: one table row per run with its final numbers and, when several runs share a config
-  name (seeds), one row per config with the mean ± sample standard deviation over its runs.
+- `val_top1.png`: validation top-1 of every run on one chart, one curve per run (seeds of one
+  config: each run thin, their mean bold). Points from hint-only stages (FitNets stage 1: no
+  weight on ce or kd, so the classifier is untrained and scores chance) are left out and the span
+  of those stages is shaded instead;
+- `results.md`: one table row per run with its final numbers (and the measured inference img/s and
+  speed-up over the teacher, when `fitdist bench infer --record` or the quickstart put them in
+  `summary.json`) and, when several runs share a config name (seeds), one row per config with the
+  mean ± sample standard deviation over its runs.
 
 Unfinished runs (no `summary.json`) are reported from their last evaluated row and marked as such.
 Bad input (a missing directory, no or an empty `metrics.jsonl`, a line that is not JSON) is a
@@ -47,12 +54,50 @@ class Run:
                 seen.append(row.get("stage"))
         return seen
 
+    def hint_only_stages(self) -> set[str]:
+        """Stages whose ce and kd weights are zero throughout: the classifier does not train."""
+        def zero(w) -> bool:
+            return all(v == 0 for v in w) if isinstance(w, list) else not w
+
+        return {st.get("name") for st in self.config.get("stages") or []
+                if zero(st.get("ce", 1.0)) and zero(st.get("kd", 0.0))}
+
+    def val_curve(self) -> dict[int, float]:
+        """Validation top-1 by step, hint-only stages left out."""
+        hint_only = self.hint_only_stages()
+        return {r["step"]: r["val/top1"] for r in self.rows
+                if "val/top1" in r and r.get("stage") not in hint_only}
+
+    def hint_spans(self) -> list[tuple[int, int]]:
+        """(first, last) global step span of each hint-only stage, from the config's step counts."""
+        spans, start = [], 0
+        for st in self.config.get("stages") or []:
+            steps = int(st.get("steps", 0))
+            if st.get("name") in self.hint_only_stages():
+                spans.append((start, start + steps))
+            start += steps
+        return spans
+
     def final(self) -> dict:
         """Final metrics: `summary.json`, or else the last evaluated row (unfinished run)."""
         if self.summary is not None:
             return self.summary
         evaluated = [r for r in self.rows if "val/top1" in r]
         return {**(evaluated[-1] if evaluated else {}), "unfinished": True}
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """`path` itself when it is a run directory, else every run directory below it, sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"report: run directory not found: {path}")
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    found = sorted(m.parent for m in path.rglob("metrics.jsonl"))
+    # a run inside another run's directory (none today) would be reported once, as its own run
+    if not found:
+        raise UserError(f"report: no metrics.jsonl in {path} or below it (is it a run directory?)")
+    return found
 
 
 def read_run(path: str | Path) -> Run:
@@ -164,29 +209,43 @@ def plot_schedule(runs: list[Run]):
 
 
 def plot_val(runs: list[Run]):
-    """Validation top-1 of every run on one chart. Runs of one config (seeds) are drawn as their
-    mean with the band between the lowest and highest run, so many seeds stay readable."""
+    """Validation top-1 of every run on one chart, one curve per run. Runs of one config (seeds) are
+    drawn thin, with their mean bold and the band between the lowest and highest run, so many
+    seeds stay readable. Hint-only stages are shaded, not plotted (see the module docstring)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, group in _by_config(runs).items():
-        labelled = [(run.name, {r["step"]: r["val/top1"] for r in run.rows if "val/top1" in r})
-                    for run in group]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    spans = sorted({span for run in runs for span in run.hint_spans()})  # seeds share theirs
+    for i, (start, end) in enumerate(spans):
+        ax.axvspan(start, end, color="0.5", alpha=0.12, lw=0,
+                   label="_span" if i else "hint-only stage (classifier untrained)")
+    for index, (name, group) in enumerate(_by_config(runs).items()):
+        colour = f"C{index % 10}"
+        labelled = [(run.name, run.val_curve()) for run in group]
         labelled = [(label, curve) for label, curve in labelled if curve]
         curves = [curve for _, curve in labelled]
         if len(labelled) == 1:
-            ax.plot(*zip(*sorted(curves[0].items())), marker="o", label=labelled[0][0])
+            ax.plot(*zip(*sorted(curves[0].items())), color=colour, marker=_marker(curves[0]),
+                    label=labelled[0][0])
         elif curves:
+            for _, curve in labelled:  # every run's own curve, thin; "_" keeps it out of the legend
+                ax.plot(*zip(*sorted(curve.items())), color=colour, lw=0.8, alpha=0.5, label="_seed")
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             values = [[c[s] for c in curves] for s in steps]
-            ax.plot(steps, [statistics.mean(v) for v in values], marker="o",
-                    label=f"{name} (mean of {len(curves)})")
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+            if steps:
+                ax.plot(steps, [statistics.mean(v) for v in values], color=colour, lw=2,
+                        marker=_marker(steps), label=f"{name} (mean of {len(curves)})")
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
+                                color=colour, alpha=0.15)
     ax.set(title="validation top-1", xlabel="step", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _marker(points) -> str | None:
+    return "o" if len(points) < 30 else None  # dots while they can be told apart
 
 
 def _by_config(runs: list[Run]) -> dict[str, list[Run]]:
@@ -203,8 +262,9 @@ def _by_config(runs: list[Run]) -> dict[str, list[Run]]:
 def results_table(runs: list[Run]) -> str:
     """A markdown table of the final result of every run, best top-1 first."""
     header = (
-        "| run | student | teacher | stages | steps | params | MACs | top-1 (%) | top-5 (%) | time (s) |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| run | student | teacher | stages | steps | params | MACs | top-1 (%) | top-5 (%) | time (s) "
+        "| img/s | speed-up |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     ordered = sorted(runs, key=lambda r: -(r.final().get("val/top1") or -1.0))
@@ -217,9 +277,25 @@ def results_table(runs: list[Run]) -> str:
         steps = final.get("steps", run.rows[-1]["step"])
         cells = [name, student, teacher, stages, str(steps), _int(final.get("params")),
                  _int(final.get("macs")), _num(final.get("val/top1")), _num(final.get("val/top5")),
-                 _num(final.get("wall_time_s"), 0)]
+                 _num(final.get("wall_time_s"), 0), _num(final.get("infer/img_per_s"), 0),
+                 _speedup(final.get("infer/speedup"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return header + "\n".join(lines) + "\n"
+    return header + "\n".join(lines) + "\n" + _infer_note(runs)
+
+
+def _speedup(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _infer_note(runs: list[Run]) -> str:
+    """Where the img/s column was measured (it means nothing without the device)."""
+    measured = [r.final() for r in runs if r.final().get("infer/device")]
+    if not measured:
+        return ""
+    devices = sorted({f["infer/device"] for f in measured})
+    batch = measured[0].get("infer/batch")
+    return (f"\nimg/s: `fitdist bench infer`, batch {batch}, best of fp32 / channels_last / bf16, on "
+            f"{'; '.join(devices)}; speed-up: over the run's teacher on the same device.\n")
 
 
 def grouped_table(runs: list[Run]) -> str:
@@ -261,7 +337,8 @@ class _Parser(argparse.ArgumentParser):
 
 def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
     """Writes every plot and `results.md` to `out`; returns what was written, by kind."""
-    runs = [read_run(d) for d in run_dirs]
+    paths = list(dict.fromkeys(p for d in run_dirs for p in find_runs(d)))  # a run named twice: once
+    runs = [read_run(p) for p in paths]
     unique_names(runs)
     out = Path(out)
     try:
@@ -286,7 +363,7 @@ def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="fitdist report", description="Plots and a results table from runs.")
-    p.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl)")
+    p.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl), or folders of runs")
     p.add_argument("--out", default="report", help="output directory (default: report)")
     args = p.parse_args(argv)
     written = report(args.runs, args.out)

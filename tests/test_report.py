@@ -104,8 +104,9 @@ def test_seeds_of_one_config_are_aggregated(runs, tmp_path):
     assert cells[2] == f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}"
     assert "| teacher | 1 |" in grouped  # a config run once has no spread
     val = plot_val([read_run(s) for s in seeds]).axes[0]
-    (line,) = val.lines
+    (line,) = [ln for ln in val.lines if not ln.get_label().startswith("_")]
     assert line.get_label() == "fitnets (mean of 3)"
+    assert len(val.lines) == 4  # every seed's own curve too, kept out of the legend
     assert line.get_ydata()[-1] == pytest.approx(statistics.mean(top1))
 
 
@@ -118,6 +119,12 @@ def test_plot_contents(runs):
     val = plot_val([teacher, fitnets]).axes[0]
     assert [ln.get_label() for ln in val.lines] == ["teacher", "fitnets"]
     assert len(val.lines[0].get_xdata()) == 2  # the teacher was evaluated at steps 5 and 10
+    # the hint stage's end-of-stage evaluation (step 6: an untrained classifier) is not drawn; its
+    # span is shaded instead
+    assert list(val.lines[1].get_xdata()) == [12]
+    (span,) = val.patches
+    assert span.get_label().startswith("hint-only stage")
+    assert span.get_x() == 0 and span.get_width() == 6
     lam, lr = plot_schedule([teacher, fitnets]).axes
     # 0 in the hint stage, then annealed 4 -> 1 over 6 steps (λ_s = 4 − 3s/5); each row logs the
     # mean λ of its 3 steps: (4 + 3.4 + 2.8)/3, then (2.2 + 1.6 + 1)/3
@@ -155,3 +162,32 @@ def test_cli_exit_status(runs, tmp_path):
     bad = run_cli("report", tmp_path / "nowhere", "--out", tmp_path / "cli2")
     assert bad.returncode == 2 and str(tmp_path / "nowhere") in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_folder_of_runs_is_every_run_inside_it(runs, tmp_path):
+    root = runs[0].parent  # teacher/ and fitnets/ (and their YAML files) side by side
+    written = report([str(root)], tmp_path / "out")
+    table = written["results"].read_text()
+    assert "| teacher |" in table and "| fitnets |" in table
+    assert sorted(p.name for p in (tmp_path / "out").glob("loss-*.png")) == ["loss-fitnets.png", "loss-teacher.png"]
+    ok = run_cli("report", root, "--out", tmp_path / "cli")
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl in .*empty or below it"):
+        report([str(tmp_path / "empty")], tmp_path / "out2")
+
+
+def test_measured_speed_is_reported_with_its_device(runs, tmp_path):
+    run = tmp_path / "fitnets"
+    shutil.copytree(runs[1], run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update({"infer/img_per_s": 12345.6, "infer/speedup": 2.345, "infer/batch": 256,
+                    "infer/device": "cpu: Test CPU (2 threads)"})
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = report([str(runs[0]), str(run)], tmp_path / "out")["results"].read_text()
+    (row,) = [r for r in text.splitlines() if r.startswith("| fitnets |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[10:12] == ["12346", "2.35×"]
+    (teacher_row,) = [r for r in text.splitlines() if r.startswith("| teacher |")]
+    assert teacher_row.rstrip(" |").endswith("—")
+    assert "batch 256" in text and "cpu: Test CPU (2 threads)" in text
