@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitdist.data.normalize import move_images
 from fitdist.dist import all_reduce_sum
 from fitdist.precision import autocast
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """`{"val/top1", "val/top5", "val/loss", "val/n"}` of `model` over every rank's share."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32",
+             to_device: Callable = move_images) -> dict[str, float]:
+    """`{"val/top1", "val/top5", "val/loss", "val/n"}` of `model` over every rank's share;
+    `to_device` is the data bundle's (uint8 batches normalised on the device)."""
     was_training = model.training
     model.eval()
     # correct@1, correct@5, summed loss, count: one tensor so one all-reduce
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels in batches:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images).float()
         k = min(5, logits.shape[1])

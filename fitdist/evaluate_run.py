@@ -39,7 +39,7 @@ def evaluate_run(path: str, overrides: list[str] = ()) -> dict:
         data = build_data(cfg.data, 1, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
         model = build_model(replace(cfg.student, weights=None), data.num_classes, data.in_channels)
         load_weights(model, str(weights), where="eval")
-        metrics = evaluate(model.to(env.device), data.val_batches(), env.device, cfg.train.precision)
+        metrics = evaluate(model.to(env.device), data.val_batches(), env.device, cfg.train.precision, data.to_device)
     finally:
         dist.teardown()
     return {"checkpoint": str(weights), "top1": metrics["val/top1"], "top5": metrics["val/top5"],

@@ -11,7 +11,6 @@ import shutil
 import tarfile
 
 import pytest
-import torch
 
 from fitdist.config import DataConfig
 from fitdist.data import build_data
@@ -23,7 +22,8 @@ from fitdist.errors import UserError
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    """40 train and 40 test samples in shards of 10 (keys test-000000 ... test-000039)."""
+    """40 train and 40 test samples in shards of 10 (keys test-000000 ... test-000039, shuffled
+    across the shards: `keys` tells which shard holds which)."""
     tmp = tmp_path_factory.mktemp("clean")
     src = write_fashion_mnist(tmp / "src", 40, 40)
     write_shards(open_source(f"fashion-mnist:{src}"), tmp / "out", 10, progress=False)
@@ -41,11 +41,17 @@ def bundle(root, **kw):
 
 
 def val_indices(b) -> list[int]:
-    out = []
-    for x, _ in b.val_batches():
-        raw = ((x * 0.3530 + 0.2860) * 255).round().to(torch.uint8)
-        out += [image_index(im[0].numpy()) for im in raw]
-    return out
+    return [image_index(im[0].numpy()) for x, _ in b.val_batches() for im in x]
+
+
+def keys(path) -> list[str]:
+    """The sample keys of a shard in file order (`test-000013`: source index 13)."""
+    with tarfile.open(path) as tar:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+
+
+def index(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
 
 
 def member(path, name) -> tarfile.TarInfo:
@@ -60,63 +66,65 @@ def overwrite(path, offset, data: bytes) -> None:
 
 
 def test_corrupt_image_is_skipped_counted_and_logged_once(shards, caplog):
-    m = member(shards / "test-000001.tar", "test-000013.png")
+    key = keys(shards / "test-000001.tar")[3]
+    m = member(shards / "test-000001.tar", f"{key}.png")
     overwrite(shards / "test-000001.tar", m.offset_data, b"\x00garbage" * (m.size // 8))
     b = bundle(shards, num_workers=2)
     with caplog.at_level(logging.WARNING, logger="fitdist.data"):
-        assert sorted(val_indices(b)) == [i for i in range(40) if i != 13]
-        assert sorted(val_indices(b)) == [i for i in range(40) if i != 13]
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != index(key)]
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != index(key)]
     assert b.metrics() == {"data/skipped": 2}  # counted on every pass ...
-    lines = [r.getMessage() for r in caplog.records if "test-000013" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if key in r.getMessage()]
     assert len(lines) == 1 and "test-000001.tar" in lines[0]  # ... logged once, shard and key
 
 
 def test_sample_without_label_is_skipped(shards, caplog):
     path = shards / "test-000002.tar"
+    key = keys(path)[5]
     with tarfile.open(path) as tar:
-        kept = [
-            (m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != "test-000025.cls"
-        ]
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != f"{key}.cls"]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in kept:
             tar.addfile(m, __import__("io").BytesIO(data))
     b = bundle(shards)
     with caplog.at_level(logging.WARNING, logger="fitdist.data"):
-        assert sorted(val_indices(b)) == [i for i in range(40) if i != 25]
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != index(key)]
     assert b.metrics()["data/skipped"] == 1
-    assert any(
-        "test-000025" in r.getMessage() and "no label" in r.getMessage() for r in caplog.records
-    )
+    assert any(key in r.getMessage() and "no label" in r.getMessage() for r in caplog.records)
 
 
 def test_garbage_tar_member_header_is_stepped_over(shards, caplog):
     path = shards / "test-000003.tar"
-    m = member(path, "test-000031.png")
+    key = keys(path)[1]
+    m = member(path, f"{key}.png")
     header = m.offset_data - 512  # the member's own header block
     overwrite(path, header, bytes((7 + 3 * i) % 256 for i in range(512)))  # fails its checksum
     b = bundle(shards)
     with caplog.at_level(logging.WARNING, logger="fitdist.data"):
-        assert sorted(val_indices(b)) == [i for i in range(40) if i != 31]  # 32..39 still read
+        # the 8 samples after it in the shard are still read
+        assert sorted(val_indices(b)) == [i for i in range(40) if i != index(key)]
     assert b.metrics()["data/skipped"] == 1
-    assert any("test-000031" in r.getMessage() for r in caplog.records)
+    assert any(key in r.getMessage() for r in caplog.records)
 
 
 def test_truncated_shard_counts_every_missing_sample(shards, caplog):
     path = shards / "test-000003.tar"
-    m = member(path, "test-000034.png")
+    in_shard = keys(path)
+    m = member(path, f"{in_shard[4]}.png")
     with open(path, "r+b") as f:
-        f.truncate(m.offset_data + m.size // 2)  # cut inside the image of key 34
+        f.truncate(m.offset_data + m.size // 2)  # cut inside the image of the fifth sample
     with caplog.at_level(logging.WARNING, logger="fitdist.data"):
         b = bundle(shards)
         got = sorted(val_indices(b))
-    assert got == list(range(34))
-    assert b.metrics()["data/skipped"] == 6  # 34 (cut) and 35..39 (gone): 40 = 34 read + 6 skipped
+    lost = {index(k) for k in in_shard[4:]}
+    assert got == [i for i in range(40) if i not in lost]
+    assert b.metrics()["data/skipped"] == 6  # the cut one and the 5 after: 40 = 34 read + 6 skipped
     text = " ".join(r.getMessage() for r in caplog.records)
-    assert "test-000003.tar" in text and "truncated" in text and "test-000034" in text
+    assert "test-000003.tar" in text and "truncated" in text and in_shard[4] in text
 
 
 def test_bad_training_samples_are_counted_through_worker_processes(shards):
-    m = member(shards / "train-000002.tar", "train-000021.png")
+    m = member(shards / "train-000002.tar", f"{keys(shards / 'train-000002.tar')[1]}.png")
     overwrite(shards / "train-000002.tar", m.offset_data, b"\xff" * m.size)
     b = bundle(shards, num_workers=2, shuffle_buffer=1)
     labels = [y for _, y in itertools.islice(b.train_batches(0), 25)]  # 200 samples: > 2 passes

@@ -1,5 +1,6 @@
-"""`fitdist shard`: round trips identical to the source, byte-identical reruns, atomic shards and
-resume, CIFAR and ImageFolder writers on small inputs in the real formats, CLI errors."""
+"""`fitdist shard`: round trips identical to the source, samples shuffled across each split with a
+recorded seed (keys naming their source), byte-identical reruns, atomic shards and resume, CIFAR
+and ImageFolder writers on small inputs in the real formats, CLI errors."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fitdist.bench.make_imagefolder import make_imagefolder
 from fitdist.data import fashion_mnist as fm
 from fitdist.data import shard_writer
 from fitdist.data.shard_cli import main as shard_main
-from fitdist.data.shard_writer import write_shards
+from fitdist.data.shard_writer import sample_order, write_shards
 from fitdist.data.sources import open_source
 from fitdist.data.synthetic import write_cifar, write_fashion_mnist
 from fitdist.errors import UserError
@@ -53,11 +54,12 @@ def test_fashion_mnist_round_trip_is_identical_to_the_source(tmp_path):
     for split, prefix in (("train", "train"), ("test", "test")):
         images, labels = src[split]
         samples = read_split(tmp_path, prefix)
+        order = sample_order(len(labels), 0, split)  # source index at each shard position
         assert m["splits"][split]["total"] == len(samples) == len(labels)
-        assert [k for k, _ in samples] == [f"{split}-{i:06d}" for i in range(len(labels))]
+        assert [k for k, _ in samples] == [f"{split}-{i:06d}" for i in order]
         got = np.stack([decode(f["png"]) for _, f in samples])
-        assert np.array_equal(got, images[:, 0].numpy())
-        assert [int(f["cls"]) for _, f in samples] == labels.tolist()
+        assert np.array_equal(got, images[order, 0].numpy())
+        assert [int(f["cls"]) for _, f in samples] == labels[order].tolist()
     assert [s["count"] for s in m["splits"]["train"]["shards"]] == [25_000, 25_000, 10_000]
     assert m["classes"] == fm.CLASSES and m["image"] == {
         "mode": "L",
@@ -145,10 +147,12 @@ def test_cifar_writer_keeps_every_pixel_and_label(tmp_path, kind):
 
     for split, n, seed in (("train", 23, 1), ("test", 9, 2)):
         samples = read_split(tmp_path / "out", split)
-        expected = indexed_images(n, (32, 32, 3), seed)
+        order = sample_order(n, 0, split)
+        expected = indexed_images(n, (32, 32, 3), seed)[order]
         assert len(samples) == n == m["splits"][split]["total"]
+        assert [k for k, _ in samples] == [f"{split}-{i:06d}" for i in order]
         assert np.array_equal(np.stack([decode(f["png"]) for _, f in samples]), expected)
-        assert [int(f["cls"]) for _, f in samples] == [i % ncls for i in range(n)]
+        assert [int(f["cls"]) for _, f in samples] == [i % ncls for i in order]
 
 
 def test_cifar_missing_batch_is_a_user_error(tmp_path):
@@ -232,7 +236,7 @@ def test_cli_main_and_exit_status_2(tmp_path, capsys):
 
 
 def test_written_shards_decode_like_the_source_through_the_reader(tmp_path):
-    """The reader's decode of a shard equals the source pixels (the normalisation undone)."""
+    """The reader's decode of a shard equals the source pixels, in shard order."""
     from fitdist.config import DataConfig
     from fitdist.data import build_data
 
@@ -240,5 +244,32 @@ def test_written_shards_decode_like_the_source_through_the_reader(tmp_path):
     write_shards(open_source(f"fashion-mnist:{src_dir}"), tmp_path / "out", 10, progress=False)
     bundle = build_data(DataConfig(source="webdataset", root=str(tmp_path / "out")), 4, 8, 0)
     images = torch.cat([x for x, _ in bundle.val_batches()])
-    raw = fm.load_fashion_mnist(str(src_dir), download=False)["test"][0].float() / 255
-    assert torch.allclose(images * 0.3530 + 0.2860, raw, atol=1e-5)
+    raw = fm.load_fashion_mnist(str(src_dir), download=False)["test"][0]
+    assert torch.equal(images, raw[sample_order(25, 0, "test")])  # uint8: bit for bit
+
+
+def test_samples_are_shuffled_across_the_split_and_keys_name_their_source(tmp_path):
+    """Class-ordered input (as ImageFolder lists it) gives shards that each mix many classes; the
+    seed is recorded and changes the order; each key leads back to its source file."""
+    root = make_imagefolder(tmp_path / "in", classes=6, train=8, val=2, min_side=8, max_side=12)
+    m = write_shards(open_source(f"imagefolder:{root}"), tmp_path / "a", 8, progress=False)
+    assert m["order"] == "shuffled" and m["settings"]["seed"] == 0
+    shards = sorted((tmp_path / "a").glob("train-*.tar"))
+    classes = [{int(f["cls"]) for _, f in read_tar(p)} for p in shards]
+    assert len(shards) == 6 and min(len(c) for c in classes) >= 3  # source order: 1 class each
+    samples = read_split(tmp_path / "a", "train")
+    for key, fields in samples:  # the key is the file's path under train/, without extension
+        (path,) = (root / "train").glob(f"{key}.*")
+        assert fields["jpg"] == path.read_bytes() and int(fields["cls"]) == int(key[1:9])
+    assert sorted(k for k, _ in samples) == sorted(
+        f"{p.parent.name}/{p.stem}" for p in (root / "train").glob("*/*.JPEG")
+    )
+
+    assert shard_main([f"imagefolder:{root}", str(tmp_path / "b"), "--shard-size", "8",
+                       "--seed", "7", "--no-progress"]) == 0
+    other = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert other["settings"]["seed"] == 7
+    assert [k for k, _ in read_split(tmp_path / "b", "train")] != [k for k, _ in samples]
+    assert sorted(k for k, _ in read_split(tmp_path / "b", "train")) == sorted(k for k, _ in samples)
+    with pytest.raises(UserError, match="other input or settings"):  # a seed is a setting
+        write_shards(open_source(f"imagefolder:{root}"), tmp_path / "a", 8, progress=False, seed=7)

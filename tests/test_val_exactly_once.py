@@ -29,8 +29,8 @@ RANK_SCRIPT = textwrap.dedent('''
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    def index_of(x):  # undo the normalisation; pixels (0,0) and (0,1) hold the source index
-        raw = ((x * 0.3530 + 0.2860) * 255).round().long()
+    def index_of(x):  # pixels (0,0) and (0,1) hold the source index; float: normalised
+        raw = x.long() if x.dtype == torch.uint8 else ((x * 0.3530 + 0.2860) * 255).round().long()
         return raw[:, 0, 0, 0] + 256 * raw[:, 0, 0, 1]
 
     class Oracle(nn.Module):
@@ -42,7 +42,7 @@ RANK_SCRIPT = textwrap.dedent('''
 
     bundle = build_data(DataConfig(source="webdataset", root=root, num_workers=2), 8, 5, 0, rank, world)
     seen = [int(i) for x, _ in bundle.val_batches() for i in index_of(x)]
-    metrics = evaluate(Oracle(), bundle.val_batches(), torch.device("cpu"))
+    metrics = evaluate(Oracle(), bundle.val_batches(), torch.device("cpu"), to_device=bundle.to_device)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"seen": seen, "metrics": metrics, "num_val": bundle.num_val}, f)
     dist.destroy_process_group()

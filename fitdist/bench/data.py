@@ -29,7 +29,7 @@ from fitdist.config import DataConfig
 from fitdist.data.manifest import write_json_atomic
 from fitdist.data.shard_writer import write_shards
 from fitdist.data.sources import open_source
-from fitdist.data.transforms import MEAN_STD, build_transform, decode
+from fitdist.data.transforms import build_transform, decode
 from fitdist.data.wds import build_webdataset
 
 
@@ -43,10 +43,9 @@ def imagefolder_loader(root: Path, batch: int, workers: int, size: int, seed: in
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    mean, std = MEAN_STD["imagefolder"]
     ds = ImageFolder(
         str(root),
-        transform=build_transform("imagenet", True, size, None, mean, std),
+        transform=build_transform("imagenet", True, size, None),
         loader=_jpeg_loader,
     )
     g = torch.Generator().manual_seed(seed)

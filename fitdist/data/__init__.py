@@ -1,7 +1,9 @@
 """Data for training and evaluation, chosen by the `data:` section of the config.
 
 `build_data` returns a `DataBundle`: an endless, resumable per-rank training stream and a finite,
-rank-sharded validation pass in which every sample is seen exactly once across ranks.
+rank-sharded validation pass in which every sample is seen exactly once across ranks. Batches hold
+uint8 images; `to_device` moves them to the device and normalises them there (one path for every
+source, see fitdist.data.normalize).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fitdist.config import DataConfig
+from fitdist.data.normalize import DeviceNormalize, move_images
 from fitdist.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -27,6 +30,9 @@ class DataBundle:
     num_val: int  # validation samples across all ranks
     class_names: list[str]
     metrics: Callable[[], dict[str, float]] = dict  # loader counters to log, e.g. {"data/skipped": 3}
+    # (batch images, device) -> float images on the device, normalised; the real sources send
+    # uint8 and normalise there (DeviceNormalize), synthetic float data is only moved
+    to_device: Callable[[torch.Tensor, torch.device], torch.Tensor] = move_images
 
 
 def build_data(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
@@ -52,8 +58,8 @@ def _fashion_mnist(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int
     images, labels = splits["train"]
     if cfg.train_subset:
         images, labels = images[: cfg.train_subset], labels[: cfg.train_subset]
-    train = MemoryDataset(images, labels, mean, std, augment, seed)
-    test = MemoryDataset(*splits["test"], mean, std, "none", seed)
+    train = MemoryDataset(images, labels, augment, seed)
+    test = MemoryDataset(*splits["test"], "none", seed)
     num_classes = cfg.num_classes or len(fm.CLASSES)
     return DataBundle(
         train_batches=lambda start: train.train_batches(micro_batch, rank, world, start),
@@ -63,4 +69,5 @@ def _fashion_mnist(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int
         image_size=(28, 28),
         num_val=len(test),
         class_names=list(fm.CLASSES),
+        to_device=DeviceNormalize(mean, std),
     )

@@ -4,7 +4,9 @@ A manifest lists, per split, every shard with its sample count, byte size and sh
 class names, the image mode/size/format and a checksum of the source. The reader uses it for the
 number of classes, the exact validation count, per-shard sample counts (a shard that ends early is
 counted as skipped samples, one that holds more than listed is a disagreement) and a balanced
-split of the validation shards across ranks.
+split of the validation shards across ranks. `order` is `"shuffled"` for shards written with the
+samples of each split shuffled (`settings.seed`); manifests without it (older shards) or with
+`"source"` describe shards in source order, which the reader still reads, with a warning.
 
 The manifest of a shard URL is the file `manifest.json` in the same place: the last `*.tar` name
 in the URL is replaced, which works for local paths, http(s) URLs and `pipe:` commands alike.

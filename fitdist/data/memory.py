@@ -5,6 +5,10 @@ from a generator seeded with `(seed, e)`, and global micro-batch `m` covers samp
 `[m·B, (m+1)·B)` of that endless sequence, rank `r` taking its `r`-th slice. So a run resumed at
 micro-batch `m` sees exactly the samples an uninterrupted run would, and a 2-rank run sees the
 same global batches as a 1-rank run.
+
+Batches hold uint8 images, as every source's do: the bundle's `to_device` normalises them on the
+device (fitdist.data.normalize). Padding, cropping and flipping only move pixels, so applying them
+before normalisation gives the values applying them after did.
 """
 
 from __future__ import annotations
@@ -18,20 +22,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class MemoryDataset:
-    """uint8 images `N×C×H×W` and int64 labels, normalised to float on the fly."""
+    """uint8 images `N×C×H×W` and int64 labels; batches stay uint8."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: str, seed: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: str, seed: int):
         self.images, self.labels = images, labels
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -53,7 +52,7 @@ class MemoryDataset:
         m = start_microbatch
         while True:
             idx = self._indices(m * batch * world + rank * batch, batch)
-            images = self._normalise(self.images[idx])
+            images = self.images[idx]
             if self.augment == "light":
                 images = _pad_crop_flip(images, torch.Generator().manual_seed(self.seed * 7919 + m * world + rank))
             yield images, self.labels[idx]
@@ -63,7 +62,7 @@ class MemoryDataset:
         """Finite batches; rank `r` takes samples `r, r+world, ...`: every sample exactly once overall."""
         idx = torch.arange(rank, len(self), world)
         for chunk in idx.split(batch):
-            yield self._normalise(self.images[chunk]), self.labels[chunk]
+            yield self.images[chunk], self.labels[chunk]
 
 
 def _pad_crop_flip(images: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""`fitdist shard SOURCE OUT_DIR [--shard-size N] [--max-side PX]`: write WebDataset shards.
+"""`fitdist shard SOURCE OUT_DIR [--shard-size N] [--max-side PX] [--seed N]`: write WebDataset
+shards.
 
 SOURCE is `fashion-mnist[:DIR]`, `cifar10:DIR`, `cifar100:DIR` or `imagefolder:DIR` (DIR holding
-`train/` and `val/`, one folder per class). Re-running on the same OUT_DIR resumes; a finished
-directory is left as it is.
+`train/` and `val/`, one folder per class). Samples are shuffled across each split (seed `--seed`,
+recorded in manifest.json), so every shard holds a mix of all classes. Re-running on the same
+OUT_DIR resumes; a finished directory is left as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample shuffle before sharding (default 0)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         args.quality,
         max(1, args.workers),
         progress=not args.no_progress,
+        seed=args.seed,
     )
     for split, info in m["splits"].items():
         print(f"{split}: {info['total']} samples in {len(info['shards'])} shards")

@@ -1,10 +1,17 @@
 """Write a `Source` as WebDataset shards (`train-%06d.tar`, `test-%06d.tar`) plus `manifest.json`.
 
 Properties:
-- Shard `k` of a split holds source samples `[k·S, (k+1)·S)`: boundaries depend only on the
-  input and `--shard-size`, never on skipped (unreadable) source files.
-- Byte-identical output for the same input: fixed tar metadata (mtime 0, owner, mode), members in
-  key order, deterministic PNG/JPEG encoders, keys from the source order.
+- Samples are shuffled across the whole split before sharding (`--seed`, default 0, recorded in
+  the manifest as `settings.seed`, with `order: "shuffled"`): an image folder lists its files
+  class by class, and shards in that order would hold ~2 ImageNet classes each, which no reader
+  buffer can mix well. Shard `k` of a split holds positions `[k·S, (k+1)·S)` of the split's
+  permutation: boundaries depend only on the input, the seed and `--shard-size`, never on skipped
+  (unreadable) source files.
+- A sample's key names its source: `train-000123` is index 123 of the source's train split (array
+  sources), `n01440764/n01440764_10026` the file of that stem in that class folder (image folders).
+- Byte-identical output for the same input and seed: fixed tar metadata (mtime 0, owner, mode),
+  deterministic PNG/JPEG encoders, a permutation from Python's `random` seeded with a string
+  (stable across Python versions and platforms).
 - Atomic per shard: a shard is written as `NAME.tmp`, fsynced, then renamed; `.progress.json`
   records finished shards, so an interrupted run resumes at the first shard not finished.
 """
@@ -16,6 +23,7 @@ import io
 import math
 import multiprocessing
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +157,17 @@ class _SplitWriter:
 # ---------------------------------------------------------------- the whole directory
 
 
-def _settings(source: Source, shard_size: int, max_side: int | None, quality: int) -> dict:
+def sample_order(n: int, seed: int | None, split: str) -> list[int]:
+    """Source indices in shard order: a permutation fixed by (seed, split); None: source order."""
+    order = list(range(n))
+    if seed is not None:
+        random.Random(f"fitdist-shard:{seed}:{split}").shuffle(order)
+    return order
+
+
+def _settings(
+    source: Source, shard_size: int, max_side: int | None, quality: int, seed: int | None
+) -> dict:
     return {
         "dataset": source.dataset,
         "source_sha256": source.checksum,
@@ -157,6 +175,7 @@ def _settings(source: Source, shard_size: int, max_side: int | None, quality: in
         "max_side": max_side,
         "quality": quality,
         "mode": source.mode,
+        "seed": seed,  # None: source order (not offered by the CLI; benchmarks compare with it)
     }
 
 
@@ -214,8 +233,10 @@ def write_shards(
     quality: int = 90,
     workers: int = 1,
     progress: bool = True,
+    seed: int | None = 0,
 ) -> dict:
-    """Write (or finish writing) the shards of `source` into `out_dir`; returns the manifest."""
+    """Write (or finish writing) the shards of `source` into `out_dir`; returns the manifest.
+    `seed` fixes the shuffle of each split; None keeps the source order (old-style shards)."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if max_side is not None and max_side < 1:
@@ -224,7 +245,7 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tar.tmp"):  # left by an interrupted run: never complete
         stale.unlink()
-    settings = _settings(source, shard_size, max_side, quality)
+    settings = _settings(source, shard_size, max_side, quality, seed)
     previous = _previous_state(out_dir, settings)
     state = {
         split: _finished_prefix(out_dir, previous.get(split, []), SPLIT_PREFIX[split])
@@ -265,6 +286,7 @@ def _write_split(
     n, start = len(split), len(state[name])
     if start >= math.ceil(n / shard_size):
         return
+    order = sample_order(n, settings["seed"], name)
     pending: dict[int, dict] = {}
 
     def on_shard(fname: str, nbytes: int, sha: str) -> None:
@@ -287,28 +309,28 @@ def _write_split(
         )
 
     writer = _SplitWriter(out_dir, SPLIT_PREFIX[name], start, on_shard)
-    args = ((split.item(i), source.mode, *opts) for i in range(start * shard_size, n))
+    args = ((split.item(order[i]), source.mode, *opts) for i in range(start * shard_size, n))
     results = pool.imap(_encode_safe, args, chunksize=16) if pool else map(_encode_safe, args)
     current = start
     try:
         for i, (ok, ext, data, size) in zip(range(start * shard_size, n), results):
-            k = i // shard_size
+            k, j = i // shard_size, order[i]  # position i holds source sample j
             if k != current:  # boundaries by source index, so skips never shift later shards
                 writer.writer.next_stream()
                 current = k
             e = pending.setdefault(k, {"count": 0, "sizes": [], "formats": [], "skipped": []})
             if ok:
                 writer.writer.write(
-                    {"__key__": split.key(i), ext: data, "cls": str(split.label(i)).encode()}
+                    {"__key__": split.key(j), ext: data, "cls": str(split.label(j)).encode()}
                 )
                 e["count"] += 1
                 e["sizes"].append(list(size))
                 e["formats"].append(ext)
             else:
                 e["skipped"].append(
-                    {"key": split.key(i), "item": _describe(split.item(i)), "reason": ext}
+                    {"key": split.key(j), "item": _describe(split.item(j)), "reason": ext}
                 )
-                tqdm.write(f"skipped {_describe(split.item(i))}: {ext}")
+                tqdm.write(f"skipped {_describe(split.item(j))}: {ext}")
             bar.update(1)
         pending.setdefault(current, {"count": 0, "sizes": [], "formats": [], "skipped": []})
         writer.writer.close()
@@ -336,6 +358,8 @@ def _manifest(source: Source, settings: dict, state: dict[str, list[dict]]) -> d
             "formats": formats,
         },
         "settings": settings,
+        # the reader warns about shards without this (source order: poorly mixed batches)
+        "order": "source" if settings["seed"] is None else "shuffled",
         "splits": {
             name: {"total": sum(e["count"] for e in v), "shards": v} for name, v in state.items()
         },

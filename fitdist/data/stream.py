@@ -10,11 +10,22 @@ worker processes. Bad data never crashes a worker:
   samples counted from the manifest's per-shard count;
 - a shard holding more samples than the manifest lists, or a training pass over every shard that
   yields no usable sample (which would otherwise spin forever), is fatal: the main process raises a
-  UserError (exit status 2) instead of hanging.
+  UserError (exit status 2) instead of hanging;
+- a `pipe:`/http(s) source that sends nothing for `read_timeout` seconds is fatal too, naming the
+  shard (fitdist.data.pipes), instead of blocking the rank and, through it, every other rank.
+
+Training mixes shards twice over: each worker reads `shard_mix` shards at once, drawing every
+sample from a randomly chosen one of them, and its shuffle buffer is filled completely before the
+first sample leaves it (at the start of every stream: a stage start, a resume). With the shards
+`fitdist shard` writes (samples shuffled across the split), batches are as mixed as i.i.d. draws
+from the first step on; with older shards in source order (ImageNet: ~2 classes per shard) the
+interleaving still puts samples of `shard_mix` shards in every buffer.
+Images leave the worker as uint8 (see fitdist.data.normalize).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import tarfile
@@ -26,7 +37,8 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from fitdist.data.manifest import is_local, local_path, shard_name
+from fitdist.data.manifest import shard_name
+from fitdist.data.pipes import Stalled, open_shard
 from fitdist.data.transforms import IMAGE_EXTS, decode
 
 
@@ -70,23 +82,22 @@ class StreamSpec:
     train: bool  # endless resampled passes, shuffled; else one ordered pass
     seed: tuple = (0, 0, 0)  # (seed, rank, first micro-batch): the training stream's RNG
     shuffle_buffer: int = 2000
+    shard_mix: int = 8  # training: shards each worker reads at once, interleaved
+    # samples in the buffer before the first leaves it; None: all of `shuffle_buffer` (a filled
+    # buffer). `fitdist bench data` sets the former policy (100, then growing) to compare.
+    shuffle_start: int | None = None
+    read_timeout: float = 0.0  # seconds without data from a pipe:/http(s) source (0: no limit)
     expected: dict[str, int] = field(default_factory=dict)  # url -> manifest sample count
     limits: dict[str, int] = field(default_factory=dict)  # url -> read only this many samples
 
 
-def _open(url: str):
-    if is_local(url):
-        return open(local_path(url), "rb", buffering=1 << 20)
-    from webdataset.gopen import gopen  # pipe: commands, http(s) through curl, ...
-
-    return gopen(url, "rb")
-
-
-def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats) -> Iterator[dict]:
+def read_shard(
+    url: str, expected: int | None, limit: int | None, stats: _Stats, timeout: float = 0.0
+) -> Iterator[dict]:
     """Samples (dicts of raw fields by extension, plus `__key__`, `__url__`) of one shard."""
     name, seen, key, sample = shard_name(url), 0, None, None
     try:
-        stream = _open(url)
+        stream = open_shard(url, timeout)
     except Exception as e:  # noqa: BLE001 - a missing or unreachable shard is skipped whole
         why = f"cannot open ({type(e).__name__}: {e}); {expected or 'its'} samples skipped"
         stats.skip(expected or 0, name, why)
@@ -120,6 +131,8 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
             sample = None
     except _Fatal:
         raise
+    except Stalled as e:  # ends the run: waiting on would hold every rank until NCCL times out
+        raise _Fatal(str(e)) from None
     except Exception as e:  # noqa: BLE001 - truncated or garbage tar data
         if sample is not None:
             stats.skip(1, f"{name}: {key}", f"damaged tar data ({type(e).__name__}: {e})")
@@ -137,7 +150,8 @@ def read_shard(url: str, expected: int | None, limit: int | None, stats: _Stats)
 def _shuffled(
     samples: Iterator[dict], bufsize: int, initial: int, rng: random.Random
 ) -> Iterator[dict]:
-    """Buffer shuffle; starts after `initial` samples and grows to `bufsize` (fast first batch)."""
+    """Buffer shuffle; the first sample leaves once `initial` samples are in (`initial` =
+    `bufsize`: a filled buffer), and the buffer grows by one for every two samples to `bufsize`."""
     buf: list[dict] = []
     for n, s in enumerate(samples):
         buf.append(s)
@@ -147,6 +161,24 @@ def _shuffled(
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+def _interleaved(shards: list[Iterator[dict]], k: int, rng: random.Random) -> Iterator[dict]:
+    """Samples of `shards` (in this order), `k` read at once: each sample comes from a randomly
+    chosen open shard, and a finished shard is replaced by the next one."""
+    pending = iter(shards)
+    live = list(itertools.islice(pending, k))
+    while live:
+        i = rng.randrange(len(live))
+        try:
+            yield next(live[i])
+        except StopIteration:
+            following = next(pending, None)
+            if following is not None:
+                live[i] = following
+            else:
+                live[i] = live[-1]
+                live.pop()
 
 
 class ShardStream(IterableDataset):
@@ -171,7 +203,7 @@ class ShardStream(IterableDataset):
         s = self.spec
 
         def shard(url: str) -> Iterator[dict]:
-            return read_shard(url, s.expected.get(url), s.limits.get(url), stats)
+            return read_shard(url, s.expected.get(url), s.limits.get(url), stats, s.read_timeout)
 
         if not s.train:  # one pass over this worker's share: every sample exactly once
             for url in s.urls[worker::workers]:
@@ -180,10 +212,10 @@ class ShardStream(IterableDataset):
         while True:  # resampled: an endless sequence of shuffled passes, so no rank runs dry
             order, produced = list(s.urls), 0
             rng.shuffle(order)
-            for url in order:
-                for sample in shard(url):
-                    produced += 1
-                    yield sample
+            # shard readers are generators: a shard is opened when first drawn from
+            for sample in _interleaved([shard(url) for url in order], s.shard_mix, rng):
+                produced += 1
+                yield sample
             if produced == 0:
                 raise _Fatal(
                     f"no readable sample in any of the {len(order)} training shards "
@@ -202,13 +234,14 @@ class ShardStream(IterableDataset):
         return self.spec.transform(decode(image, self.spec.channels)), label
 
     def _batches(self, worker: int, workers: int, stats: _Stats):
-        """Batches assembled in the worker; default_collate stacks them straight into shared
-        memory there, which saves a copy of every batch on its way to the main process."""
+        """Batches assembled in the worker; default_collate stacks them (uint8) straight into
+        shared memory there, which saves a copy of every batch on its way to the main process."""
         s = self.spec
         rng = random.Random("fitdist:{}:{}:{}:{}".format(*s.seed, worker))  # str seeds are stable
         samples = self._samples(worker, workers, stats, rng)
         if s.train and s.shuffle_buffer > 1:
-            samples = _shuffled(samples, s.shuffle_buffer, max(100, s.batch), rng)
+            start = s.shuffle_buffer if s.shuffle_start is None else s.shuffle_start
+            samples = _shuffled(samples, s.shuffle_buffer, start, rng)
         examples: list[tuple[torch.Tensor, int]] = []
         for sample in samples:
             try:

@@ -1,4 +1,8 @@
-"""Per-sample decode and torchvision v2 transforms for shard samples (uint8 `C×H×W` in, float out).
+"""Per-sample decode and torchvision v2 transforms for shard samples (uint8 `C×H×W` in and out).
+
+The transforms only resize, crop and flip; they keep uint8, so workers send a quarter of the bytes
+float32 would take, and the bundle normalises on the device (fitdist.data.normalize, with
+`MEAN_STD` below). Every op here acts on uint8 exactly as it did before the normalisation moved.
 
 Augmentations (`data.augment`):
 - `imagenet`: RandomResizedCrop + horizontal flip for training; resize to `size/0.875` and
@@ -46,10 +50,14 @@ def decode(data: bytes, channels: int) -> torch.Tensor:
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
 
 
+def _unchanged(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
 def build_transform(
-    augment: str, train: bool, size: int | None, native: tuple[int, int] | None, mean, std
+    augment: str, train: bool, size: int | None, native: tuple[int, int] | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 image -> normalised float image of a fixed size (`size`, else the native size)."""
+    """uint8 image -> uint8 image of a fixed size (`size`, else the native size)."""
     ops: list = []
     resize_to = size if size and (native is None or tuple(native) != (size, size)) else None
     if augment == "imagenet":
@@ -69,5 +77,4 @@ def build_transform(
                 v2.RandomCrop(crop, padding=pad, padding_mode=fill_mode),
                 v2.RandomHorizontalFlip(),
             ]
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(ops)
+    return v2.Compose(ops) if ops else _unchanged  # a named function: picklable for workers

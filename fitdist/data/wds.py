@@ -5,12 +5,19 @@
   every shard its `manifest.json` lists. Local patterns are checked up front: a pattern matching
   no file, an empty shard list or a shard the manifest does not list is a UserError naming it.
 - Training: every rank and worker walks its own endless sequence of shuffled passes over all
-  training shards (resampling), so no rank runs dry and DDP never waits on a finished rank.
+  training shards (resampling), so no rank runs dry and DDP never waits on a finished rank; it
+  reads `data.shard_mix` shards at once, interleaved, through a shuffle buffer filled before the
+  first batch (fitdist.data.stream). Shards whose manifest says they hold samples in source order
+  (written before `fitdist shard` shuffled them) still read, with one warning per process.
   The stream is seeded from (seed, rank, first micro-batch, worker): a resumed run continues with
   a fresh, reproducible stream rather than replaying the exact samples of the interrupted one.
 - Validation: shards are dealt to ranks (balanced by the manifest's counts) and then to workers;
   shards are disjoint, so across all ranks every sample is read exactly once, and top-1 is exact
-  when the evaluator sums counts (fitdist.evaluate does).
+  when the evaluator sums counts (fitdist.evaluate does). Its loader workers are started at the
+  first evaluation and kept for the next ones (no fork per evaluation).
+- Batches hold uint8 images; `DataBundle.to_device` normalises them on the device.
+- A `pipe:`/http(s) shard that sends nothing for `data.read_timeout` seconds ends the run with a
+  UserError naming it (fitdist.data.pipes).
 - `metrics()` gives `data/skipped`: samples this rank skipped (train and validation), counted in
   the batches the workers send, each bad sample logged once with its shard and key.
 """
@@ -35,12 +42,14 @@ from fitdist.data.manifest import (
     shard_name,
     shard_table,
 )
+from fitdist.data.normalize import DeviceNormalize
 from fitdist.data.stream import Report, ShardStream, StreamSpec
 from fitdist.data.transforms import AUTO_AUGMENT, MEAN_STD, build_transform
 from fitdist.errors import UserError
 
 log = logging.getLogger("fitdist.data")
 MAX_LOGGED = 10_000  # distinct skip messages remembered per rank (logging each once)
+_WARNED_ORDER: set[str] = set()  # manifests already warned about (source-order shards)
 
 
 class SkipCounter:
@@ -150,14 +159,27 @@ def _subset(urls: list[str], counts: list[int], n: int) -> tuple[list[str], dict
     return kept, limits
 
 
-def _loader(spec: StreamSpec, workers: int, seed: int) -> DataLoader:
+def _loader(spec: StreamSpec, workers: int, seed: int, persistent: bool = False) -> DataLoader:
     return DataLoader(
         ShardStream(spec),
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=2 if workers else None,
+        persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),  # transform randomness in workers
+    )
+
+
+def _warn_source_order(manifest: dict, where: str) -> None:
+    """Once per manifest and process: its shards hold samples in the order of the source."""
+    if manifest.get("order") == "shuffled" or where in _WARNED_ORDER:
+        return
+    _WARNED_ORDER.add(where)
+    log.warning(
+        "%s: these shards hold samples in source order (class by class in an image folder), so "
+        "batches mix fewer classes than they should; rewrite them with `fitdist shard` (which "
+        "shuffles) for well-mixed batches (docs/DATA.md)", where,
     )
 
 
@@ -180,6 +202,10 @@ def build_webdataset(
             f"{val_where} and {where} list different classes: train and validation "
             f"shards come from different datasets"
         )
+    for key, value, least in (("data.shard_mix", cfg.shard_mix, 1), ("data.read_timeout", cfg.read_timeout, 0)):
+        if value < least:
+            raise UserError(f"{key}: must be at least {least}, got {value}")
+    _warn_source_order(manifest, where)
     num_classes = manifest["num_classes"]
     if cfg.num_classes is not None and cfg.num_classes < num_classes:
         raise UserError(
@@ -210,7 +236,11 @@ def build_webdataset(
     if cfg.train_subset:
         train_urls, limits = _subset(train_urls, train_counts, cfg.train_subset)
     counter = SkipCounter()
-    common = {"channels": channels, "num_classes": cfg.num_classes or num_classes}
+    common = {
+        "channels": channels,
+        "num_classes": cfg.num_classes or num_classes,
+        "read_timeout": cfg.read_timeout,
+    }
 
     def train_batches(start: int = 0) -> Iterator[Batch]:
         spec = StreamSpec(
@@ -218,8 +248,9 @@ def build_webdataset(
             batch=micro_batch,
             train=True,
             seed=(seed, rank, start),
-            transform=build_transform(augment, True, size, native, mean, std),
+            transform=build_transform(augment, True, size, native),
             shuffle_buffer=cfg.shuffle_buffer,
+            shard_mix=cfg.shard_mix,
             limits=limits,
             expected=dict(zip(train_urls, train_counts)),
             **common,
@@ -231,19 +262,23 @@ def build_webdataset(
     mine = _deal(val_urls, val_counts, world)[rank]
     all_counts = dict(zip(val_urls, val_counts))
     mine_counts = {u: all_counts[u] for u in mine}
+    val_loader: list[DataLoader] = []  # built at the first evaluation, its workers kept after it
 
     def val_batches() -> Iterator[Batch]:
         if not mine:  # more ranks than validation shards: this rank has nothing to evaluate
             return iter(())
-        spec = StreamSpec(
-            urls=mine,
-            batch=eval_batch,
-            train=False,
-            transform=build_transform(augment, False, size, native, mean, std),
-            expected=mine_counts,
-            **common,
-        )
-        return _drain(_loader(spec, min(cfg.num_workers, len(mine)), seed), counter)
+        if not val_loader:
+            spec = StreamSpec(
+                urls=mine,
+                batch=eval_batch,
+                train=False,
+                transform=build_transform(augment, False, size, native),
+                expected=mine_counts,
+                **common,
+            )
+            workers = min(cfg.num_workers, len(mine))
+            val_loader.append(_loader(spec, workers, seed, persistent=True))
+        return _drain(val_loader[0], counter)
 
     return DataBundle(
         train_batches=train_batches,
@@ -254,4 +289,5 @@ def build_webdataset(
         num_val=num_val,
         class_names=class_names,
         metrics=counter.metrics,
+        to_device=DeviceNormalize(mean, std),
     )
