@@ -113,6 +113,9 @@ class DataConfig:
     std: list[float] | None = None
     num_workers: int = 0  # loader worker processes per rank
     shuffle_buffer: int = 2000  # webdataset sample shuffle buffer
+    shard_mix: int = 8  # webdataset: training shards each loader worker reads at once, interleaved
+    # webdataset: seconds a pipe:/http(s) shard may send nothing before the run fails naming it
+    read_timeout: float = 300.0  # (0: wait forever)
     train_subset: int = 0  # use only the first N training samples (0 = all)
 
 
@@ -141,6 +144,9 @@ class RunConfig:
     resume: Literal["none", "auto"] = "none"  # auto: continue from the latest checkpoint
     keep_checkpoints: int = 2  # how many checkpoints to keep
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save, then exit 75
+    # several processes agree on a signal every this many steps (one CPU all-reduce): the bound on
+    # the steps between a signal and the checkpoint
+    preempt_check_every: int = 10
 
 
 @dataclass

@@ -49,6 +49,7 @@ def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
 def teardown() -> None:
     if not dist.is_initialized():
         return
+    _CPU_GROUP.clear()  # destroyed with the default group
     ds = sys.modules.get("deepspeed.comm")
     if ds is not None and ds.is_initialized():  # DeepSpeed drops its own handles on the groups too,
         ds.destroy_process_group()  # or a later run in this process would meet the destroyed ones
@@ -80,6 +81,21 @@ def gather_objects(obj) -> list:
     finally:
         dist.destroy_process_group(group)
     return out
+
+
+_CPU_GROUP: list = []
+
+
+def cpu_group():
+    """A gloo group for small host-side collectives (None for one process): the default group
+    itself when it is gloo, else one made once. A collective the first time: every rank calls it."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]
 
 
 def barrier() -> None:

@@ -35,13 +35,18 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return cfg.gamma ** sum(step >= m for m in marks)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: torch's fused kernels where the optimizer has them (SGD, AdamW; not RMSprop)."""
     if not params:
         raise UserError("optim: no trainable parameters in this stage (does any loss reach the student?)")
+    fused = fused or None  # None, not False: torch then picks its own default (foreach)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=fused)
     return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -10,7 +10,6 @@ imports DistributedDataParallel; DeepSpeed lives in `fitdist/strategy_deepspeed.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -43,7 +42,8 @@ class Strategy:
         """`(model to call, optimizer, scheduler)` for one stage over the trainable parameters.
         `find_unused`: some trainable parameters get no gradient in this stage (`trainable: all`)."""
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, optim, lr)
+        # fused SGD/AdamW: one kernel per step, and the non-finite skip taken on the device
+        optimizer = build_optimizer(params, optim, lr, fused=self.env.device.type in ("cuda", "cpu"))
         return self.wrap(module, find_unused), optimizer, build_scheduler(optimizer, total_steps, optim)
 
     def microstep(self, model: nn.Module, sync: bool):
@@ -57,18 +57,28 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, bool]:
-        """Clips, steps unless a gradient is non-finite, and zeroes; returns `(grad norm, stepped)`."""
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips (when `max_grad_norm` > 0), steps unless a gradient is non-finite, and zeroes.
+        Returns `(grad norm, stepped)` as device tensors: reading them is the caller's sync.
+
+        The skip is decided on the device where the optimizer can take it there (torch's fused
+        SGD/AdamW read `found_inf` and leave parameters, state and step count untouched);
+        another optimizer needs the host to decide, one sync per step (see `skips_on_device`)."""
         self.scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-        finite = bool(torch.isfinite(norm))
-        if finite or self.scaler.is_enabled():  # the scaler skips non-finite steps itself
-            self.scaler.step(optimizer)
-        self.scaler.update()
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.env.device)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+        finite = torch.isfinite(norm)
+        if skips_on_device(optimizer):
+            optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+            optimizer.step()
+        elif bool(finite):  # the host sync of optimizers without a device-side skip
+            optimizer.step()
+        self.scaler.update()  # fp16: from the overflow check of `unscale_`; no-op otherwise
         optimizer.zero_grad(set_to_none=True)
-        return float(norm), finite
-
+        return norm.detach(), finite
 
     # ---------------------------------------------------------------- stage and checkpoint hooks
     def optimizer_state(self, optimizer: torch.optim.Optimizer, run_dir: Path, global_step: int) -> dict:
@@ -104,6 +114,12 @@ class DDPStrategy(Strategy):
     def microstep(self, model: nn.Module, sync: bool):
         # Gradients are all-reduced only on the last micro-batch of an optimizer step.
         return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` honours a `found_inf` tensor (torch's fused implementations)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def build_strategy(cfg: StrategyConfig, env: DistEnv, precision: str, train: TrainConfig | None = None) -> Strategy:

@@ -160,17 +160,20 @@ class DeepSpeedStrategy(Strategy):
         if not self._sync:
             engine.step()  # counts the micro-step; no update off the accumulation boundary
 
-    def step(self, optimizer, max_grad_norm: float) -> tuple[float, bool]:
+    def step(self, optimizer, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `Strategy.step`; DeepSpeed's engine decides the skip itself (its fp16 overflow check
+        reads a flag on the host)."""
         engine = self.engine
         norm = None
         if self.zero_stage == 0:  # gradients are whole and all-reduced in p.grad before the step
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
         engine.step()  # clips (gradient_clipping), steps, zeroes; skips fp16 overflow steps
         if norm is None:
             got = engine.get_global_grad_norm()
-            norm = float(got) if got is not None else math.nan
-        return norm, engine.was_step_applied() and math.isfinite(norm)
+            norm = torch.as_tensor(math.nan if got is None else got, dtype=torch.float32, device=self.env.device)
+        applied = torch.tensor(engine.was_step_applied(), device=norm.device)
+        return norm, torch.isfinite(norm) & applied
 
     # ---------------------------------------------------------------- checkpoints
     def optimizer_state(self, optimizer, run_dir: Path, global_step: int) -> dict:

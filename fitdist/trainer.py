@@ -91,8 +91,8 @@ class _Run:
         if cfg.train.compile:
             compile_models(cfg, self.student, self.teacher, self.logger.print)
         self.started = time.perf_counter()
-        self.guard = PreemptionGuard(cfg.run.preempt_signals)
-        self.skipped_in_a_row = 0
+        self.guard = PreemptionGuard(cfg.run.preempt_signals, cfg.run.preempt_check_every)
+        self.shown: dict = {}  # the progress bar's losses: those of the last log row
 
     # ------------------------------------------------------------------ resume
     def _resume_state(self, wanted: bool, strict: bool) -> dict | None:
@@ -159,19 +159,20 @@ class _Run:
             self._checkpoint(prepared)
         self.strategy.end_stage()
 
-    def _check_finite(self, stepped: bool) -> None:
-        """A non-finite loss or gradient skips the step; too many in a row stop the run."""
-        self.skipped_in_a_row = 0 if stepped else self.skipped_in_a_row + 1
-        if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
-            raise Diverged(f"{self.skipped_in_a_row} consecutive steps with a non-finite loss or gradient "
-                           f"at step {self.pos.global_step}; the last good checkpoint is intact in "
+    def _check_finite(self, row: dict) -> None:
+        """A non-finite loss or gradient skips the step (on the device); too many in a row stop the
+        run. Read at each log row, so the run stops within `train.log_every` steps of the limit."""
+        in_a_row = row["train/skipped_in_a_row"]
+        if in_a_row >= self.cfg.train.max_skipped_steps:
+            raise Diverged(f"{in_a_row} consecutive steps with a non-finite loss or gradient "
+                           f"by step {self.pos.global_step}; the last good checkpoint is intact in "
                            f"{self.run_dir / 'checkpoints'}")
 
     def _every_step(self, stage: StageConfig, window: Window, prepared: PreparedStage) -> None:
         cfg, pos = self.cfg.train, self.pos
         last = pos.step == stage.steps
-        if pos.step % 10 == 0 or last:  # the bar's numbers cost a device sync: not every step
-            self.logger.progress(stage.name, pos.step, stage.steps, window.running())
+        if pos.step % 10 == 0 or last:  # the bar shows the last row's losses: reading them costs no sync
+            self.logger.progress(stage.name, pos.step, stage.steps, self.shown)
         due_eval = cfg.eval_every and pos.global_step % cfg.eval_every == 0 and not last
         if (pos.global_step % cfg.log_every == 0 or due_eval) and not last:
             self._log_row(stage, window, evaluate_now=bool(due_eval))
@@ -180,6 +181,8 @@ class _Run:
 
     def _log_row(self, stage: StageConfig, window: Window, evaluate_now: bool) -> None:
         row = {"stage": stage.name, **window.flush(self.env.device, self.env.world)}
+        self._check_finite(row)
+        self.shown = {k: v for k, v in row.items() if k in ("train/loss", "train/ce", "train/kd", "train/hint")}
         if evaluate_now:
             row.update(self._evaluate())
         counters = self.data.metrics()  # the same keys on every rank; summed over ranks

@@ -18,13 +18,20 @@ class Window:
     micro-batches, and each term is its mean weighted by its own weight (the plain mean when the
     weight is constant, or 0 throughout), so every row satisfies
     `train/loss = weight/ce·train/ce + lambda·train/kd + weight/hint·train/hint` exactly, even
-    when a schedule moves a weight inside the row. `lr` is the rate of the row's last step."""
+    when a schedule moves a weight inside the row. `lr` is the rate of the row's last step.
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}  # Σ term, kept on the device: no host sync per step
+    Everything a step adds stays on the device; `flush` reads it all back in one transfer, so a
+    step that does not log makes no host sync. Runs of skipped (non-finite) steps are counted
+    across rows: `skipped_in_a_row` is the longest run seen so far that is still going or ended
+    inside the row just flushed."""
+
+    def __init__(self, in_a_row: torch.Tensor | float = 0.0):
+        self.sums: dict[str, torch.Tensor] = {}  # Σ term
         self.weighted: dict[str, torch.Tensor] = {}  # Σ weight·term
         self.weights = dict.fromkeys(TERMS, 0.0)  # Σ weight (the same on every rank)
-        self.micro, self.images, self.skipped, self.norm, self.lr = 0, 0, 0, 0.0, 0.0
+        self.micro, self.images, self.lr = 0, 0, 0.0
+        self.norm = self.skipped = 0.0  # grad norm of the last step; skipped steps (tensors once stepped)
+        self.in_a_row = self.longest = in_a_row  # the current run of skipped steps; the longest
         self.started = time.perf_counter()
 
     def add(self, terms: dict[str, torch.Tensor], weights: dict[str, float], images: int) -> None:
@@ -37,19 +44,23 @@ class Window:
             self.weights[t] += weights[t]
         self.micro, self.images = self.micro + 1, self.images + images
 
-    def step(self, grad_norm: float, stepped: bool, lr: float) -> None:
-        self.norm, self.lr = grad_norm, lr
-        self.skipped += not stepped
-
-    def running(self) -> dict:
-        return {f"train/{k}": v.item() / max(self.micro, 1) for k, v in self.sums.items()}
+    def step(self, grad_norm: torch.Tensor, stepped: torch.Tensor, lr: float) -> None:
+        """`grad_norm` and `stepped` are device tensors from `Strategy.step`: nothing is read here."""
+        skipped = (~stepped).float()
+        self.norm, self.lr = grad_norm.float(), lr
+        self.skipped = self.skipped + skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
+        self.longest = torch.maximum(torch.as_tensor(self.longest, device=skipped.device), self.in_a_row)
 
     def flush(self, device: torch.device, world: int) -> dict:
         """The row (every rank calls it: the terms are averaged over ranks), then a new window."""
         keys, weighted = sorted(self.sums), sorted(self.weighted)
         local = [self.sums[k] for k in keys] + [self.weighted[k] for k in weighted]
         totals = torch.stack(local).double() if local else torch.zeros(0, dtype=torch.float64, device=device)
-        totals = all_reduce_sum(totals).tolist()
+        # the step's figures are the same on every rank (gradients are all-reduced): not summed
+        same = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                            for v in (self.norm, self.skipped, self.longest)])
+        *totals, norm, skipped, longest = torch.cat([all_reduce_sum(totals), same]).tolist()  # the one sync
         micro = max(self.micro, 1)
         row = {f"train/{k}": totals[i] / (micro * world) for i, k in enumerate(keys)}
         for i, k in enumerate(weighted, start=len(keys)):
@@ -58,7 +69,8 @@ class Window:
         mean = {t: self.weights[t] / micro for t in TERMS}
         row["lambda"] = mean["kd"]  # always: the FitNets schedule's chart spans every stage
         row.update({f"weight/{t}": mean[t] for t in ("ce", "hint") if t in self.sums})
-        row.update({"lr": self.lr, "grad_norm": self.norm, "train/skipped_steps": self.skipped,
+        row.update({"lr": self.lr, "grad_norm": norm, "train/skipped_steps": int(skipped),
+                    "train/skipped_in_a_row": int(longest),
                     "perf/img_per_s": self.images * world / max(time.perf_counter() - self.started, 1e-9)})
-        self.__init__()
+        self.__init__(self.in_a_row)
         return row
