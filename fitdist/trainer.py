@@ -145,12 +145,11 @@ class _Run:
         self.student.train()
         while pos.step < stage.steps:
             weights = stage_weights(stage, pos.step)
-            _, stepped = train_step(cfg, prepared, self.strategy, batches, weights, env.device, window)
-            self._check_finite(stepped)
+            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window)
             pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
             pos.microbatch += cfg.train.grad_accum
             self._every_step(stage, window, prepared)
-            if self.guard.requested(env.device):  # preemption: the step is done, save it and leave
+            if self.guard.requested(pos.global_step):  # preemption: the step is done, save it and leave
                 if self.saved != pos.global_step:
                     self._checkpoint(prepared)
                 raise Preempted(pos.global_step)
