@@ -1,14 +1,21 @@
 """Bad input to the WebDataset reader: each case is injected into real shards and must give a
 skip that is counted (`data/skipped`) and logged once with shard and key, or a UserError naming
-the path (exit status 2 in the CLI); never a crash, never a hang, nothing silently lost."""
+the path (exit status 2 in the CLI); never a crash, never a hang, nothing silently lost. A source
+that stalls (a hung pipe: command, an http read that never returns) is a UserError naming the
+shard after data.read_timeout."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import itertools
 import json
 import logging
+import os
 import shutil
 import tarfile
+import threading
+import time
 
 import pytest
 
@@ -213,3 +220,79 @@ def test_manifest_whose_counts_do_not_add_up(shards):
         UserError, match=f"{shards}/manifest.json: .*total 41 but its shards add up to 40"
     ):
         bundle(shards)
+
+
+STALL = """case "$1" in
+  *.tar) head -c 3000 "$1"; echo $$ >> "$0.pids"; exec sleep 60 ;;
+  *) cat "$1" ;;
+esac
+"""
+
+
+def gone(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too: it only awaits its parent
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stalled_pipe_ends_the_run_naming_the_shard(shards, tmp_path, split, workers):
+    """A pipe: command that sends part of a shard and then nothing: a UserError naming the
+    shard after data.read_timeout, not a hang (the manifest, through the same command, reads)."""
+    script = tmp_path / "stall.sh"
+    script.write_text(STALL)
+    stalled = f"pipe:sh {script} {shards}/{'test' if split == 'val' else 'train'}-000001.tar"
+    local = {"val": f"{shards}/test-000000.tar", "train": f"{shards}/train-000000.tar"}
+    cfg = DataConfig(source="webdataset", num_workers=workers, read_timeout=1.0,
+                     **{**local, split: stalled})
+    b = build_data(cfg, 8, 6, 0)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"no data from pipe:.*-000001\.tar for 1 s"):
+        if split == "val":
+            list(b.val_batches())
+        else:
+            next(b.train_batches(0))
+    assert time.monotonic() - t0 < 20  # the timeout, not the command's 60 s
+    pids = [int(p) for p in (tmp_path / "stall.sh.pids").read_text().split()]
+    assert pids and all(gone(p) for p in pids)  # the command's own children killed too
+
+
+def test_a_stalled_http_read_ends_the_run_naming_the_shard(shards):
+    class Stalling(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if not self.path.endswith(".tar"):
+                return super().do_GET()
+            data = (shards / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:3000])
+            self.wfile.flush()
+            time.sleep(30)  # the connection stays open, sending nothing
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Stalling, directory=str(shards))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = DataConfig(source="webdataset", train=f"{url}/train-000000.tar",
+                         val=f"{url}/test-{{000000..000001}}.tar", read_timeout=1.0)
+        b = build_data(cfg, 8, 6, 0)
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=r"no data from http://.*/test-000000\.tar for 1 s"):
+            list(b.val_batches())
+        assert time.monotonic() - t0 < 20
+    finally:
+        server.shutdown()

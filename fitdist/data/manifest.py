@@ -51,16 +51,20 @@ def local_path(url: str) -> Path:
     return Path(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url)
 
 
-def read_manifest(url: str) -> dict[str, Any]:
-    """The parsed, structurally checked manifest at `url` (a path, http(s) URL or pipe: command)."""
+def read_manifest(url: str, timeout: float = 0.0) -> dict[str, Any]:
+    """The parsed, structurally checked manifest at `url` (a path, http(s) URL or pipe: command);
+    a remote one that sends nothing for `timeout` seconds (0: no limit) is an error."""
     try:
         if is_local(url):
             raw = local_path(url).read_bytes()
         else:
-            from webdataset.gopen import gopen
+            from fitdist.data.pipes import open_shard  # (imports this module)
 
-            with gopen(url, "rb") as f:
+            f = open_shard(url, timeout)
+            try:
                 raw = f.read()
+            finally:
+                f.close()
         manifest = json.loads(raw)
     except FileNotFoundError:
         raise UserError(

@@ -233,17 +233,23 @@ class ShardStream(IterableDataset):
             raise ValueError(f"label {label} outside 0..{self.spec.num_classes - 1}")
         return self.spec.transform(decode(image, self.spec.channels)), label
 
-    def _batches(self, worker: int, workers: int, stats: _Stats):
-        """Batches assembled in the worker; default_collate stacks them (uint8) straight into
-        shared memory there, which saves a copy of every batch on its way to the main process."""
-        s = self.spec
+    def samples(self, worker: int = 0, workers: int = 1, stats: _Stats | None = None):
+        """Undecoded samples in the order worker `worker` of `workers` batches them (training:
+        interleaved shards through the shuffle buffer). `fitdist bench data` reads labels here."""
+        s, stats = self.spec, stats or _Stats()
         rng = random.Random("fitdist:{}:{}:{}:{}".format(*s.seed, worker))  # str seeds are stable
         samples = self._samples(worker, workers, stats, rng)
         if s.train and s.shuffle_buffer > 1:
             start = s.shuffle_buffer if s.shuffle_start is None else s.shuffle_start
             samples = _shuffled(samples, s.shuffle_buffer, start, rng)
+        return samples
+
+    def _batches(self, worker: int, workers: int, stats: _Stats):
+        """Batches assembled in the worker; default_collate stacks them (uint8) straight into
+        shared memory there, which saves a copy of every batch on its way to the main process."""
+        s = self.spec
         examples: list[tuple[torch.Tensor, int]] = []
-        for sample in samples:
+        for sample in self.samples(worker, workers, stats):
             try:
                 x, y = self._example(sample)
             except Exception as e:  # noqa: BLE001 - a bad sample is skipped, counted and reported

@@ -98,18 +98,20 @@ def expand_shards(pattern: str | None, key: str) -> list[str]:
     return urls
 
 
-def _manifest(where: str, manifests: dict) -> dict:
+def _manifest(where: str, manifests: dict, timeout: float) -> dict:
     if where not in manifests:
-        manifests[where] = read_manifest(where)
+        manifests[where] = read_manifest(where, timeout)
     return manifests[where]
 
 
-def _resolve(pattern: str | None, root: str | None, split: str, key: str, manifests: dict):
+def _resolve(
+    pattern: str | None, root: str | None, split: str, key: str, manifests: dict, timeout: float
+):
     """(urls, manifest, manifest location) for one split; `manifests` caches parsed manifests
     (train and validation share one), which matters at ImageNet scale (thousands of shards)."""
     if pattern is None and root:
         where = os.path.join(root, "manifest.json")
-        manifest = _manifest(where, manifests)
+        manifest = _manifest(where, manifests, timeout)
         listed = manifest["splits"].get(split, {}).get("shards")
         if not listed:
             raise UserError(f"{where}: no {split} shards listed (empty shard list)")
@@ -117,7 +119,7 @@ def _resolve(pattern: str | None, root: str | None, split: str, key: str, manife
     else:
         urls = expand_shards(pattern, key)
         where = manifest_url(urls[0])  # next to the shards, wherever they are
-        manifest = _manifest(where, manifests)
+        manifest = _manifest(where, manifests, timeout)
     table = shard_table(manifest)
     for url in urls:
         entry = table.get(shard_name(url))
@@ -194,17 +196,22 @@ def build_webdataset(
     cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1
 ) -> DataBundle:
     """The bundle for WebDataset shards written by `fitdist shard` (see docs/DATA.md)."""
+    if cfg.read_timeout < 0:
+        raise UserError(f"data.read_timeout: must be at least 0, got {cfg.read_timeout}")
+    if cfg.shard_mix < 1:
+        raise UserError(f"data.shard_mix: must be at least 1, got {cfg.shard_mix}")
     manifests: dict[str, dict] = {}
-    train_urls, manifest, where = _resolve(cfg.train, cfg.root, "train", "data.train", manifests)
-    val_urls, val_manifest, val_where = _resolve(cfg.val, cfg.root, "test", "data.val", manifests)
+    train_urls, manifest, where = _resolve(
+        cfg.train, cfg.root, "train", "data.train", manifests, cfg.read_timeout
+    )
+    val_urls, val_manifest, val_where = _resolve(
+        cfg.val, cfg.root, "test", "data.val", manifests, cfg.read_timeout
+    )
     if val_manifest["classes"] != manifest["classes"]:
         raise UserError(
             f"{val_where} and {where} list different classes: train and validation "
             f"shards come from different datasets"
         )
-    for key, value, least in (("data.shard_mix", cfg.shard_mix, 1), ("data.read_timeout", cfg.read_timeout, 0)):
-        if value < least:
-            raise UserError(f"{key}: must be at least {least}, got {value}")
     _warn_source_order(manifest, where)
     num_classes = manifest["num_classes"]
     if cfg.num_classes is not None and cfg.num_classes < num_classes:
