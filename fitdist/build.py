@@ -54,9 +54,10 @@ def build_student(cfg: Config, data: DataBundle, teacher: FrozenTeacher | None) 
 
 
 def place(cfg: Config, student: Student, teacher: FrozenTeacher | None, device: torch.device) -> None:
-    """Moves both models to `device`, the student in its configured memory format."""
+    """Moves both models to `device`, the student in its configured memory format, the teacher in
+    its own, its weights cast once to its precision."""
     student.to(device)
     if cfg.train.channels_last:
         student.to(memory_format=torch.channels_last)
     if teacher is not None:
-        teacher.to(device)
+        teacher.place(device)

@@ -19,9 +19,12 @@ from torch import nn
 from fitdist import kernels
 from fitdist.config import Weight, nonzero_weight
 from fitdist.features import FeatureTap
-from fitdist.precision import autocast
+from fitdist.precision import DTYPES, autocast
 
 TERMS = ("ce", "kd", "hint")
+# layers whose forward autocast runs in bf16/fp16, weight and bias cast, on CPU and CUDA alike
+AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d)
 
 
 class FrozenTeacher(nn.Module):
@@ -36,6 +39,22 @@ class FrozenTeacher(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # BN statistics and dropout of the teacher never change
+
+    def place(self, device: torch.device) -> FrozenTeacher:
+        """Moves the teacher to `device` in the form every call would otherwise re-make: weights in
+        `channels_last`, and under bf16/fp16 the weights of the layers autocast runs in that dtype
+        cast once. Autocast's per-call cast then finds them cast, so the outputs are the ones of
+        casting on every call, bit for bit. Only layers of exactly these types are cast: a subclass
+        may use its weight in an op that autocast keeps in fp32."""
+        self.to(device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        dtype = DTYPES[self.precision]
+        if dtype is not None:
+            for module in self.model.modules():
+                if type(module) in AUTOCAST_LAYERS:
+                    module.to(dtype)
+        return self
 
     @torch.no_grad()  # not inference_mode: the outputs feed losses that are differentiated
     def forward(self, images: torch.Tensor, need_logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

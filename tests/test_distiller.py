@@ -1,5 +1,7 @@
 """The frozen teacher, the student with its regressors, and the loss terms of a micro-batch."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +125,34 @@ def test_fixed_terms_run_a_term_of_weight_zero_with_gradients_of_zero():
     reg = student.regressors[0].proj.weight
     assert reg.grad is not None and torch.count_nonzero(reg.grad) == 0
     torch.testing.assert_close(terms["loss"], terms["ce"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_placed_teacher_is_cast_once_and_gives_the_per_call_autocast_outputs_bit_for_bit(precision, channels_last, seed):
+    from fitdist.precision import DTYPES
+
+    model = ZOO["fitnet"](10, 3, widths=[8, 16, 16], pool_after=[1], batch_norm=True)
+    model.eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(model)
+    teacher = FrozenTeacher(model, ["conv2"], precision, channels_last).place(torch.device("cpu"))
+    dtype = DTYPES[precision]
+    for m in teacher.model.modules():  # cast once: conv/linear in the autocast dtype, norms in fp32
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert m.weight.dtype == dtype and (m.bias is None or m.bias.dtype == dtype)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.weight.dtype == m.running_var.dtype == torch.float32
+        if isinstance(m, torch.nn.Conv2d) and channels_last:
+            assert m.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 20, 20)
+    logits, (feat,) = teacher(x)
+    captured = []
+    reference.conv2.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # the per-call cast of every weight
+        expected = reference(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    assert logits.dtype == expected.dtype and torch.equal(logits, expected)
+    assert torch.equal(feat, captured[0])
