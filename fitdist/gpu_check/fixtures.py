@@ -1,10 +1,12 @@
 """What the sections train on, sized for the device: generated ImageNet-layout JPEGs written to
 shards with `fitdist shard`, a random teacher's weights file, and run configs.
 
-On CUDA the models are the ImageNet pair (torchvision ResNet-34 -> ResNet-18, 224 px); in CPU
-mode CIFAR ResNets (fitdist:resnet14 -> resnet8) on 32 px crops of small JPEGs, so that every
-section runs in seconds. The hint pair is `layer3` on both sides in either mode (1x1 regressor).
-Images and shards are made once per report directory and reused by later sections.
+On CUDA the models are the ImageNet pair (torchvision ResNet-34 -> ResNet-18, 224 px, hint
+`layer3` on both sides); in CPU mode thin `fitdist:fitnet`s on 32 px crops of small JPEGs (hint
+`conv2` on both sides), so that every section runs in seconds. The CPU models have no BatchNorm:
+under DeepSpeed bf16 on CPU a BatchNorm forward fails ("expected scalar type BFloat16 but found
+Float"), which says nothing about a GPU. Images and shards are made once per report directory and
+reused by later sections.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from fitdist.gpu_check.common import Context, fitdist_cmd, run_logged, write_yam
 def sizes(ctx: Context) -> dict:
     if ctx.cuda:
         return {"student": "torchvision:resnet18", "teacher": "torchvision:resnet34", "image_size": 224,
+                "student_kwargs": {}, "teacher_kwargs": {}, "hint": "layer3",
                 "classes": 10, "train_per_class": 64, "val_per_class": 8, "min_side": 300, "max_side": 500,
                 "shard_max_side": 256, "shard_size": 64, "workers": 8, "batch": 64}
-    return {"student": "fitdist:resnet8", "teacher": "fitdist:resnet14", "image_size": 32,
+    return {"student": "fitdist:fitnet", "teacher": "fitdist:fitnet", "image_size": 32,
+            "student_kwargs": {"widths": [8, 16, 16], "pool_after": [1, 2], "batch_norm": False},
+            "teacher_kwargs": {"widths": [16, 32, 32], "pool_after": [1, 2], "batch_norm": False},
+            "hint": "conv2",
             "classes": 4, "train_per_class": 16, "val_per_class": 4, "min_side": 40, "max_side": 64,
             "shard_max_side": 48, "shard_size": 16, "workers": 2, "batch": 8}
 
@@ -48,10 +54,10 @@ def teacher_weights(ctx: Context) -> Path:
     from fitdist.models import build_model
 
     s = sizes(ctx)
-    path = ctx.work / f"teacher-{s['teacher'].split(':')[1]}-{s['classes']}.pt"
+    path = ctx.work / f"teacher-{ctx.device}.pt"
     if not path.is_file():
         torch.manual_seed(0)
-        model = build_model(ModelConfig(s["teacher"]), s["classes"], 3, where="teacher")
+        model = build_model(ModelConfig(s["teacher"], s["teacher_kwargs"]), s["classes"], 3, where="teacher")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     return path
@@ -64,10 +70,10 @@ def run_config(ctx: Context, name: str, stages: list[dict], **sections) -> Path:
     cfg = {
         "name": name,
         "seed": 1,
-        "student": {"name": s["student"]},
-        "teacher": {"name": s["teacher"], "weights": str(teacher_weights(ctx)), "precision": "bf16",
-                    "channels_last": True},
-        "hints": [{"student": "layer3", "teacher": "layer3", "relu": True}],
+        "student": {"name": s["student"], "kwargs": s["student_kwargs"]},
+        "teacher": {"name": s["teacher"], "kwargs": s["teacher_kwargs"], "weights": str(teacher_weights(ctx)),
+                    "precision": "bf16", "channels_last": True},
+        "hints": [{"student": s["hint"], "teacher": s["hint"], "relu": True}],
         "loss": {"temperature": 3.0},
         "stages": stages,
         "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "cosine"},
