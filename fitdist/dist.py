@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import os
+import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from fitdist.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -24,11 +31,44 @@ class DistEnv:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """`train.device`: auto is this rank's GPU when torch can use one, the CPU on a node without
+    GPUs, and an error on a node whose GPUs torch cannot use (not a silent run on the CPU)."""
+    if name in ("auto", "cuda") and not torch.cuda.is_available():
+        driver = nvidia_driver()
+        if driver is not None or name == "cuda":
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+            found = f"NVIDIA GPUs with driver {driver}" if driver else "no usable NVIDIA GPU"
+            raise UserError(f"train.device: {name}, but torch {torch.__version__} cannot use this node's GPUs "
+                            f"(found {found}; torch was built for {built}; an older driver than that CUDA "
+                            "needs, or a torch for another CUDA?); train.device=cpu trains on the CPU")
+        name = "cpu"
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version when this node has NVIDIA GPUs ("unknown" if it cannot be read),
+    else None."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if not glob.glob("/dev/nvidia[0-9]*") and nvidia_smi is None:
+        return None
+    try:  # the kernel module says it without starting anything
+        text = Path("/proc/driver/nvidia/version").read_text()
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    if nvidia_smi is not None:
+        try:
+            out = subprocess.run([nvidia_smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "unknown"
 
 
 def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
