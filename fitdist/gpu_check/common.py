@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,10 +112,11 @@ def one_line(text: str, limit: int = 300) -> str:
 
 def last_error_line(text: str) -> str:
     """The line of a child's output that says what went wrong (its last error line, else its last)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip().removeprefix("[rank0]: ") for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if any(w in ln for w in ("Error", "error:", "Exception", "FAIL")):
-            return ln.removeprefix("[rank0]: ")
+        # torchrun's own summary (ChildFailedError) comes after the worker's error: skip it
+        if re.search(r"(Error|Exception|error|Preempted)\b:? \S", ln) and "ChildFailedError" not in ln:
+            return ln
     return lines[-1] if lines else "(no output)"
 
 
