@@ -110,7 +110,19 @@ def load_checkpoint(run_dir: Path) -> tuple[Path, dict]:
         raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     for path in reversed(found):
         try:
-            return path, torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+            return path, _load(path)
         except Exception as e:  # noqa: BLE001 - truncated/corrupt files fail in many ways
             warnings.warn(f"checkpoint {path} does not load ({type(e).__name__}); trying the previous one", stacklevel=2)
     raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} loads")
+
+
+def load_checkpoint_at(path: Path) -> dict:
+    """The trainer state of checkpoint `path` (another rank's choice); a UserError if it does not load."""
+    try:
+        return _load(path)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or corrupt
+        raise UserError(f"--resume: checkpoint {path} does not load here ({type(e).__name__}: {e})") from None
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)

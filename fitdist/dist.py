@@ -138,6 +138,27 @@ def cpu_group():
     return _CPU_GROUP[0]
 
 
+def every_rank(error: UserError) -> UserError:
+    """Marks `error` as one every rank hits identically: rank 0 alone reports it."""
+    error.every_rank = True
+    return error
+
+
+def decided_by_rank0(decide):
+    """`decide()` run on rank 0, its result (or its UserError) on every rank: for choices the ranks
+    must agree on, such as the checkpoint to resume from."""
+    outcome = None
+    if not (dist.is_initialized() and dist.get_rank() > 0):
+        try:
+            outcome = ("ok", decide())
+        except UserError as e:
+            outcome = ("error", str(e))
+    outcome = gather_objects(outcome)[0]
+    if outcome[0] == "error":
+        raise every_rank(UserError(outcome[1]))
+    return outcome[1]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

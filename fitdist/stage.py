@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fitdist.config import Config, OptimConfig, StageConfig
+from fitdist.data.normalize import move_images
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student, used_terms
 from fitdist.schedule import weight_at
 from fitdist.strategy import Strategy
@@ -141,13 +142,15 @@ def to_layout(images: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def train_step(cfg: Config, prepared: PreparedStage, strategy: Strategy, batches: Iterator,
-               weights: dict[str, float], device: torch.device, window: Window) -> tuple[float, bool]:
+               weights: dict[str, float], device: torch.device, window: Window,
+               to_device: Callable = move_images) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `train.grad_accum` micro-batches, each micro-batch's loss terms
-    added to `window`. Returns `(grad norm, stepped)` from `strategy.step`."""
+    added to `window`. Returns `(grad norm, stepped)` from `strategy.step`, device tensors: the
+    step itself reads nothing back to the host."""
     accum = cfg.train.grad_accum
     for micro in range(accum):
         images, labels = next(batches)
-        images = to_layout(images.to(device, non_blocking=True), cfg)
+        images = to_layout(to_device(images, device), cfg)  # the bundle's: uint8 -> normalised float
         labels = labels.to(device, non_blocking=True)
         with strategy.microstep(prepared.model, sync=micro == accum - 1):
             with strategy.autocast():

@@ -17,7 +17,8 @@ import torch
 
 from fitdist import dist
 from fitdist.build import build_student, build_teacher, place, probe_input
-from fitdist.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_file, set_rng_state
+from fitdist.checkpoint import (list_checkpoints, load_checkpoint, load_checkpoint_at, rng_state, save_checkpoint,
+                                save_file, set_rng_state)
 from fitdist.compile import compile_models
 from fitdist.config import Config, StageConfig, dump_config, to_dict
 from fitdist.data import build_data
@@ -96,14 +97,37 @@ class _Run:
 
     # ------------------------------------------------------------------ resume
     def _resume_state(self, wanted: bool, strict: bool) -> dict | None:
+        """The checkpoint to continue from, the same on every rank: rank 0 picks the newest that
+        loads, every rank loads that one (each picking alone could differ, e.g. when a save was
+        cut short on one node's view of the disk), and a run on another process count is refused."""
         if not wanted:
             return None
-        from fitdist.checkpoint import list_checkpoints
+        env = self.env
 
-        if not strict and not list_checkpoints(self.run_dir):
+        def pick() -> str | None:
+            if not strict and not list_checkpoints(self.run_dir):
+                return None
+            return str(load_checkpoint(self.run_dir)[0])
+
+        chosen = dist.decided_by_rank0(pick)
+        if chosen is None:
             return None
-        path, state = load_checkpoint(self.run_dir)
+        path = Path(chosen)
+        state, error = None, None
+        try:
+            state = load_checkpoint_at(path)
+        except UserError as e:
+            error = f"rank {env.rank}: {e}"
+        errors = [e for e in dist.gather_objects(error) if e]
+        if errors:
+            raise UserError(errors[0])
         _check_same_config(state["config"], to_dict(self.cfg), path)
+        saved_world = state.get("world", 1)
+        if saved_world != env.world:
+            raise dist.every_rank(UserError(
+                f"--resume: checkpoint {path} was written by {saved_world} process(es) and this run has {env.world}; "
+                f"the data each rank reads and its random state depend on that count: resume with {saved_world} "
+                "(NPROC, nodes), or start a new run directory"))
         self.pos = Position(**state["position"])
         self.student.load_state_dict(state["student"])
         self.saved = self.pos.global_step
@@ -139,13 +163,14 @@ class _Run:
             self.strategy.load_optimizer_state(prepared.optimizer, st, self.run_dir)  # collective for DeepSpeed
             prepared.scheduler.load_state_dict(st["scheduler"])
             self.strategy.scaler.load_state_dict(st["scaler"])
-            set_rng_state(st["rng"])
+            rng = st["rng"]
+            set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)  # this rank's own generators
         batches = self.data.train_batches(pos.microbatch)
         window = Window()
         self.student.train()
         while pos.step < stage.steps:
             weights = stage_weights(stage, pos.step)
-            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window)
+            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device)
             pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
             pos.microbatch += cfg.train.grad_accum
             self._every_step(stage, window, prepared)
@@ -195,7 +220,8 @@ class _Run:
         """Evaluates the backbone, once per global step at most (a stage end is also the run's end)."""
         if self.evaluated[0] != self.pos.global_step:
             with self.strategy.gathered(self.student) as student:  # every rank: ZeRO-3 all-gathers
-                metrics = evaluate(student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision)
+                metrics = evaluate(student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision,
+                                   self.data.to_device)
             self.evaluated = (self.pos.global_step, metrics)
         return self.evaluated[1]
 
@@ -207,6 +233,7 @@ class _Run:
             self.logger.print(f"warning: non-finite weights at step {pos.global_step}; checkpoint not written")
             return
         optimizer_state = self.strategy.optimizer_state(optimizer, self.run_dir, pos.global_step)  # all ranks
+        rngs = dist.gather_objects(rng_state())  # every rank's own generators, in rank order
         with self.strategy.gathered(self.student) as student:
             if self.env.is_main:
                 state = {
@@ -215,7 +242,8 @@ class _Run:
                     "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
                     "scaler": self.strategy.scaler.state_dict(),
-                    "rng": rng_state(),
+                    "rng": rngs,
+                    "world": self.env.world,
                     "wandb_id": self.logger.run_id,
                     "config": to_dict(self.cfg),
                 }
