@@ -1,11 +1,19 @@
-"""`fitdist bench data`: the WebDataset reader versus `torchvision.datasets.ImageFolder`.
+"""`fitdist bench data`: the WebDataset reader versus `torchvision.datasets.ImageFolder`, and how
+well its batches mix classes.
 
 Both read the same generated ImageNet-layout JPEGs (`fitdist.bench.make_imagefolder`), with the
 same decode (Pillow, `fitdist.data.transforms.decode`), the same transforms (RandomResizedCrop +
-flip + normalise), the same batch size and worker count. Reported:
+flip; both send uint8, normalised on the device), the same batch size and worker count. Reported:
 - throughput: images/s over `--batches` batches after the first, best of `--reps` interleaved runs;
 - time to first batch: from building the dataset (ImageFolder scans its folders, the WebDataset
   reader reads a manifest) to holding the first batch;
+- bytes per batch crossing from the workers (shared memory, then pinned memory and the device
+  copy): uint8 as sent, against the float32 the workers sent before;
+- batch mix (`fitdist.bench.batch_mix`): distinct classes per batch of 32 on a generated folder of
+  `--mix-classes` classes sharded by the writer, in the first batch of fresh streams (a stage
+  start, a resume) and in steady state, against the i.i.d. expectation; beside them the same set
+  sharded in source order and read as the reader did before (one shard at a time, a buffer
+  starting at 100 samples): today's figures for shards written before the shuffle;
 - main-process memory as the dataset grows: Python heap held by the dataset/bundle object
   (tracemalloc). Larger datasets are made of hard links (folders) and of repeated shards under a
   manifest listing them (WebDataset): no extra disk, the index structures grow as with real data.
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fitdist.bench import batch_mix
 from fitdist.bench.make_imagefolder import make_imagefolder
 from fitdist.config import DataConfig
 from fitdist.data.manifest import write_json_atomic
@@ -74,18 +83,42 @@ def wds_loader(shards: Path, batch: int, workers: int, size: int, seed: int = 0)
 
 
 def _run(make, batches: int) -> dict:
-    """Time to first batch (including building the dataset) and img/s over the next batches."""
+    """Time to first batch (including building the dataset), img/s over the next batches, and
+    the bytes of one batch's images as they cross from the workers."""
     t0 = time.perf_counter()
     _, it = make()
     x, _ = next(it)
     ttfb = time.perf_counter() - t0
+    nbytes = x.element_size() * x.nelement()
     t1, n = time.perf_counter(), 0
     for _ in range(batches):
         x, _ = next(it)
         n += len(x)
     rate = n / (time.perf_counter() - t1)
     it.close()  # shuts the DataLoader workers down before the next run
-    return {"ttfb_s": ttfb, "img_per_s": rate}
+    return {"ttfb_s": ttfb, "img_per_s": rate, "batch_bytes": nbytes, "dtype": str(x.dtype)}
+
+
+def mix_figures(out: Path, classes: int, per_class: int, shard: int, buffer: int) -> dict:
+    """Batch mix of writer-shuffled shards (this reader) and of source-order shards (this reader,
+    and the former one), on a folder of tiny JPEGs (the mix does not depend on image size)."""
+    folder = make_imagefolder(out / f"mix-{classes}x{per_class}", classes, per_class, 1, 8, 8)
+    source = open_source(f"imagefolder:{folder}")
+    shuffled, ordered = (
+        out / f"mix-{classes}x{per_class}-shards",
+        out / f"mix-{classes}x{per_class}-source-order",
+    )
+    write_shards(source, shuffled, shard, progress=False)
+    write_shards(source, ordered, shard, progress=False, seed=None)
+    default = DataConfig()
+    now = {"shuffle_buffer": buffer, "shard_mix": default.shard_mix}
+    before = {"shuffle_buffer": buffer, "shard_mix": 1, "shuffle_start": 100}  # the former reader
+    return {
+        "iid": batch_mix.iid_distinct([per_class] * classes, 32),
+        "shuffled shards, this reader": batch_mix.measure(shuffled, 32, **now),
+        "source-order shards, this reader": batch_mix.measure(ordered, 32, **now),
+        "source-order shards, former reader (today)": batch_mix.measure(ordered, 32, **before),
+    }
 
 
 def _index_bytes(make) -> int:
@@ -155,8 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="RandomResizedCrop size")
     p.add_argument("--batches", type=int, default=15, help="timed batches after the first")
     p.add_argument("--reps", type=int, default=2, help="interleaved runs per loader (best kept)")
-    p.add_argument("--scales", default="1,10,100,427",
-                   help="dataset size multiples for memory/TTFB (427 x 3,000 = ImageNet's 1.28 M)")
+    p.add_argument(
+        "--scales",
+        default="1,10,100,427",
+        help="dataset size multiples for memory/TTFB (427 x 3,000 = ImageNet's 1.28 M)",
+    )
+    p.add_argument("--mix-classes", type=int, default=100, help="classes of the batch-mix set")
+    p.add_argument("--mix-per-class", type=int, default=100, help="images per class (mix set)")
+    p.add_argument(
+        "--mix-shard-size",
+        type=int,
+        default=200,
+        help="mix set shard size (default: 2 classes' worth, as ImageNet's 1,281)",
+    )
+    p.add_argument(
+        "--mix-buffer",
+        type=int,
+        default=385,
+        help="mix set shuffle buffer (default: ~3.85 classes' worth, as 5,000 for ImageNet)",
+    )
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
@@ -171,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def shards_at(root):
         return lambda: wds_loader(root, a.batch, a.workers, a.size)
+
+    mix = mix_figures(out, a.mix_classes, a.mix_per_class, a.mix_shard_size, a.mix_buffer)
 
     runs = {"ImageFolder": [], "WebDataset": []}
     for _ in range(a.reps):  # interleaved, so drifting machine load hits both alike
@@ -196,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         scaling.append(row)
 
     ratio = best["WebDataset"]["img_per_s"] / best["ImageFolder"]["img_per_s"]
+    sent = runs["WebDataset"][0]
+    mib = sent["batch_bytes"] / 2**20
     lines = [
         f"Machine: {machine()}",
         (
@@ -222,12 +276,32 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['wds_index_mib']:.2f} MiB |"
             for r in scaling
         ],
+        "",
+        (
+            f"Bytes per batch of {a.batch} from the workers: {mib:.1f} MiB ({sent['dtype']}); "
+            f"float32, as sent before: {4 * mib:.1f} MiB"
+        ),
+        "",
+        (
+            f"Batch mix: {a.mix_classes} classes × {a.mix_per_class} images, shards of "
+            f"{a.mix_shard_size}, shuffle buffer {a.mix_buffer}, batch 32; i.i.d.: "
+            f"{mix['iid']:.1f} distinct classes"
+        ),
+        "",
+        "| shards, reader | first batch | first 10 batches | steady state |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {k} | {v['first']:.1f} | {v['first10']:.1f} | {v['steady']:.1f} |"
+            for k, v in mix.items()
+            if k != "iid"
+        ],
     ]
     print("\n".join(lines))
     if a.json:
         Path(a.json).write_text(
             json.dumps(
-                {"machine": machine(), "runs": runs, "best": best, "scaling": scaling}, indent=1
+                {"machine": machine(), "runs": runs, "best": best, "scaling": scaling, "mix": mix},
+                indent=1,
             )
         )
     return 0
