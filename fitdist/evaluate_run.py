@@ -13,26 +13,27 @@ from fitdist.evaluate import evaluate
 from fitdist.models import build_model, load_weights
 
 
-def _locate(path: Path) -> tuple[Path, Path]:
-    """`(config.yaml, student.pt)` for a run directory, a checkpoint directory or a weights file."""
+def locate(path: Path, where: str = "eval") -> tuple[Path, Path]:
+    """`(config.yaml, student.pt)` for a run directory, a checkpoint directory or a weights file
+    (`where`: the command named in errors)."""
     if not path.exists():
-        raise UserError(f"eval: no such file or directory: {path}")
+        raise UserError(f"{where}: no such file or directory: {path}")
     weights = path / "student.pt" if path.is_dir() else path
     if path.is_dir() and not weights.is_file():
         from fitdist.checkpoint import list_checkpoints
 
         found = list_checkpoints(path)
         if not found:
-            raise UserError(f"eval: {path} holds neither student.pt nor checkpoints/")
+            raise UserError(f"{where}: {path} holds neither student.pt nor checkpoints/")
         weights = found[-1] / "student.pt"
     for parent in weights.parents:
         if (parent / "config.yaml").is_file():
             return parent / "config.yaml", weights
-    raise UserError(f"eval: no config.yaml in {weights.parent} or above it (is it inside a run directory?)")
+    raise UserError(f"{where}: no config.yaml in {weights.parent} or above it (is it inside a run directory?)")
 
 
 def evaluate_run(path: str, overrides: list[str] = ()) -> dict:
-    config_path, weights = _locate(Path(path))
+    config_path, weights = locate(Path(path))
     cfg = load_config(config_path, list(overrides))
     env = dist.setup(cfg.train.device, cfg.strategy.backend)
     try:
