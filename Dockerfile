@@ -1,25 +1,32 @@
-# fitdist on a CUDA PyTorch base, with its DeepSpeed extra; the entry point is launch/torchrun.sh,
-# so the container's arguments are those of `fitdist train` (CONFIG.yaml key=value ...).
-#   docker build -t fitdist .            # --build-arg BASE=... for another PyTorch/CUDA image
+# fitdist on the torch it is tested with; the entry point is launch/torchrun.sh, so the container's
+# arguments are those of `fitdist train` (CONFIG.yaml key=value ...).
+#   docker build -t fitdist .
+#   docker build --build-arg BASE=registry.local/python:3.11 -t fitdist .   # a local base image
 #   docker run --gpus all --ipc=host -v $PWD/runs:/workspace/runs -e NPROC=8 \
 #     fitdist fitdist/configs/fmnist-fitnets.yaml strategy.kind=ddp
-# devel, not runtime: DeepSpeed compiles some of its ops with nvcc at first use. Another BASE
-# needs `python` and `pip` on PATH with torch + torchvision installed, in an environment pip may
-# install into (conda as here, or a venv: a distribution's system Python refuses with
-# "externally-managed-environment"), and a C++ compiler (DeepSpeed's CPU ops build at first use).
-ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+# torch 2.14.1's wheels carry CUDA 13.0's runtime libraries (cuDNN, NCCL included), so the image
+# needs no CUDA toolkit and the host an NVIDIA driver for CUDA 13.0 (R580 or newer); on an older
+# driver fitdist stops at start with one line naming it. Any BASE with python3 (3.10+) works: torch
+# goes into a virtual environment of its own, pinned as in launch/setup.sh.
+ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PYTHON=python \
-    WANDB_MODE=offline
+# a C++ compiler: DeepSpeed builds its CPU ops at first use, and torch.compile's CPU code needs one
+RUN if command -v apt-get >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 WANDB_MODE=offline \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHON=/opt/venv/bin/python
+RUN python3 -m venv /opt/venv
 WORKDIR /workspace
 
-# dependencies first (a layer that survives source edits), then the package itself
+# torch first, the tested versions; then the dependencies (a layer that survives source edits)
 COPY pyproject.toml README.md ./
 COPY fitdist/__init__.py fitdist/__init__.py
-RUN pip install ".[deepspeed]" && pip uninstall -y fitdist
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[deepspeed]" && pip uninstall -y fitdist
 COPY . .
-RUN pip install --no-deps -e ".[deepspeed]" && python -c "import fitdist, deepspeed"
+RUN pip install --no-deps -e ".[deepspeed]" && python -c "import deepspeed; from fitdist.versions import check_versions; \
+    check_versions(('torch', 'torchvision', 'deepspeed'))"
 
 ENTRYPOINT ["bash", "launch/torchrun.sh"]
 CMD ["fitdist/configs/fmnist-fitnets.yaml", "strategy.kind=ddp"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from fitdist.errors import UserError
 from fitdist.preemption import PREEMPTED_EXIT, PeersLost, Preempted
 from fitdist.trainer import Diverged
+from fitdist.versions import check_versions
 
 BENCHES = ("losses", "data", "step", "ddp", "infer")
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        check_versions()  # torch and torchvision: the ranges fitdist is tested with
         return _dispatch(argv)
     except UserError as e:
         if not (getattr(e, "every_rank", False) and _rank() > 0):

@@ -401,6 +401,9 @@ def validate(cfg: Config) -> Config:
         raise UserError("train.batch_size and train.grad_accum must be > 0")
     if cfg.loss.temperature <= 0:
         raise UserError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    if cfg.loss.impl == "triton" and cfg.deterministic and cfg.hints:
+        raise UserError("loss.impl: 'triton' sums the hint gradients with atomics, in no fixed order; "
+                        "deterministic: true needs loss.impl auto or fused")
     return cfg
 
 

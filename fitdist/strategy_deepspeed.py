@@ -49,6 +49,7 @@ from fitdist.dist import DistEnv
 from fitdist.errors import UserError
 from fitdist.schedule import build_optimizer, build_scheduler
 from fitdist.strategy import Strategy
+from fitdist.versions import check_versions
 
 TAG_PREFIX = "step-"
 
@@ -117,6 +118,7 @@ class DeepSpeedStrategy(Strategy):
         # DeepSpeed scales fp16 losses itself: fitdist's GradScaler stays disabled (state {}).
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=False)
         self.train = train or TrainConfig()
+        check_versions(("deepspeed",))  # its internals that fitdist calibrates on change between releases
         self.user = load_user_config(cfg.deepspeed_config)
         deepspeed_config(self.user, self.train, precision, env.world, None)  # fail before any work
         self.engine = None

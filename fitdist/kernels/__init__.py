@@ -6,7 +6,11 @@
   over the logits.
 
 Implementations, chosen by `impl`:
-- `"auto"`: Triton kernels for CUDA tensors when `triton` imports, chunked PyTorch elsewhere;
+- `"auto"`: Triton kernels for CUDA tensors when `triton` imports, chunked PyTorch elsewhere.
+  The first use of a Triton kernel for given dtypes and device runs it forward and backward on
+  detached copies: if it fails to compile or launch there, one warning names the reason and the
+  chunked path is used from then on. Under `torch.use_deterministic_algorithms(True)` the hint
+  loss never takes Triton (its backward sums the weight gradient with atomics);
 - `"fused"`: chunked PyTorch (`kernels/hint.py`, `kernels/kd.py`), any device;
 - `"triton"`: Triton kernels (`kernels/triton_*.py`): CUDA, or CPU tensors under
   `TRITON_INTERPRET=1` (how the tests run them);
@@ -18,8 +22,11 @@ kernel and the reference is made here only (`supports_fused_hint` says which reg
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -73,6 +80,34 @@ def select_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
+# (kernel, device, dtypes) -> whether the Triton kernel ran there; the same for the whole process
+_TRITON_WORKS: dict[tuple, bool] = {}
+
+
+def triton_works(kernel: str, run: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> bool:
+    """Whether `run(*inputs)` (a Triton loss) runs forward and backward here, tried once per kernel,
+    device and dtypes on detached copies (no gradient reaches the real inputs); a failure is
+    warned about once, naming the reason. Under `torch.compile` nothing is tried."""
+    first = next(t for t in inputs if t is not None)
+    key = (kernel, first.device, tuple(None if t is None else t.dtype for t in inputs))
+    if key not in _TRITON_WORKS:
+        if torch.compiler.is_compiling():
+            return True
+        copies = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        try:
+            with torch.enable_grad():
+                loss = run(*copies)
+                torch.autograd.grad(loss, [c for c in copies if c is not None and c.requires_grad], allow_unused=True)
+            _TRITON_WORKS[key] = True
+        except Exception as e:  # noqa: BLE001 - compile and launch errors come in many types
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"fitdist: the Triton kernel {kernel} does not run on {first.device} "
+                          f"({type(e).__name__}: {reason}); using the chunked PyTorch path instead",
+                          RuntimeWarning, stacklevel=3)
+            _TRITON_WORKS[key] = False
+    return _TRITON_WORKS[key]
+
+
 def supports_fused_hint(regressor: nn.Module) -> bool:
     """Whether `fused_hint_loss` fuses this regressor (else it computes the reference).
 
@@ -112,6 +147,8 @@ def fused_hint_loss(
     if spec is None:
         return hint_loss(regressor(student_feat), teacher_hint, reduction)
     check_hint_shapes(student_feat, spec, teacher_hint)
+    if impl == "auto" and torch.are_deterministic_algorithms_enabled():
+        which = "fused"  # the Triton backward's atomics do not fix the summation order
     if which == "triton" and spec.kind == "pointwise":
         from fitdist.kernels.triton_hint import int32_offsets, triton_pointwise_hint
 
@@ -119,8 +156,13 @@ def fused_hint_loss(
         if int32_offsets(x3, h3):  # else a sample too large for its offsets: chunked PyTorch
             scale = hint_scale(reduction, teacher_hint)
             dtype = compute_dtype(student_feat, spec.weight)
-            with torch.autocast(student_feat.device.type, enabled=False):
-                return triton_pointwise_hint(x3, spec, h3, scale, dtype)
+
+            def run(x, weight, bias, hint):
+                with torch.autocast(student_feat.device.type, enabled=False):
+                    return triton_pointwise_hint(x, dataclasses.replace(spec, weight=weight, bias=bias), hint, scale, dtype)
+
+            if impl != "auto" or triton_works("pointwise_hint", run, x3, spec.weight, spec.bias, h3):
+                return run(x3, spec.weight, spec.bias, h3)
     return chunked_hint_loss(student_feat, spec, teacher_hint, reduction, chunk_rows)
 
 
@@ -158,6 +200,13 @@ def fused_kd_ce_loss(
         ce = F.cross_entropy(student_logits.float(), labels)
         return KDLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach())
     args = (student_logits, teacher_logits, labels, temperature, ce_weight, kd_weight)
+    if which == "triton" and impl == "auto":
+        from fitdist.kernels.triton_kd import triton_kd_ce
+
+        def run(s, t, y):
+            return triton_kd_ce(s, t, y, temperature, ce_weight, kd_weight)[0]
+
+        which = "triton" if triton_works("kd_ce", run, student_logits, teacher_logits, labels) else "fused"
     if which == "triton":
         from fitdist.kernels.triton_kd import triton_kd_ce
 
