@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fitdist.gpu_check import fixtures
@@ -82,18 +83,25 @@ def strategy_run(ctx: Context, kind: str) -> str:
 
 
 def run(ctx: Context, checks: Checks) -> None:
+    kinds = ["ddp"]
     if ctx.cuda:
         import torch.distributed as dist
 
         if not dist.is_nccl_available():
             checks.fail("ddp", "NCCL is not available in this torch build")
-        else:
-            checks.run("ddp nccl bf16", strategy_run, ctx, "ddp")
+            kinds = []
     else:
         checks.skip("ddp nccl", "CPU: no NCCL; DDP runs over gloo instead")
-        checks.run("ddp gloo bf16", strategy_run, ctx, "ddp")
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: it is slow, and the runs do
         checks.skip("deepspeed", "not installed (pip install fitdist[deepspeed])")
-        return
-    for zero in ("zero2", "zero3"):
-        checks.run(f"deepspeed {zero} bf16", strategy_run, ctx, zero)
+    else:
+        kinds += ["zero2", "zero3"]
+    fixtures.shards(ctx), fixtures.teacher_weights(ctx)  # made once, before the runs share them
+    # The three runs are independent (own run directories, own torchrun ports): side by side they
+    # take about as long as the slowest, mostly process start-up and imports.
+    with ThreadPoolExecutor(len(kinds) or 1) as pool:
+        futures = {kind: pool.submit(strategy_run, ctx, kind) for kind in kinds}
+    backend = "nccl" if ctx.cuda else "gloo"
+    for kind, future in futures.items():
+        name = f"ddp {backend} bf16" if kind == "ddp" else f"deepspeed {kind} bf16"
+        checks.run(name, future.result)
