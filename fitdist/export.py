@@ -9,7 +9,7 @@ here carry the code too and load without fitdist (the tests load each in a proce
 - `exported` (`student.pt2`): `torch.export` with a dynamic batch dimension;
   `torch.export.load(path).module()(x)`.
 - `onnx` (`student.onnx`): `torch.onnx.export` (the dynamo exporter) with a dynamic batch
-  dimension, input `x`, output `logits`; runs in onnxruntime. Needs the optional extra
+  dimension, input `x`, output `logits`, weights inside the one file; runs in onnxruntime. Needs the optional extra
   `pip install 'fitdist[onnx]'` (onnx, onnxscript; onnxruntime to run it).
 
 Every file takes fp32 NCHW images normalised as in training (the config's `data.mean/std`, or
@@ -91,7 +91,8 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
         except ImportError:
             raise UserError(f"export: --format onnx needs the {module} package: pip install 'fitdist[onnx]'") from None
     torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
-                      dynamic_shapes=_dynamic_batch(), dynamo=True, verbose=False)
+                      dynamic_shapes=_dynamic_batch(), dynamo=True, verbose=False,
+                      external_data=False)  # one self-contained file (weights inside; fine below 2 GB)
 
 
 _WRITERS = {"torchscript": _torchscript, "exported": _exported, "onnx": _onnx}

@@ -80,7 +80,8 @@ def test_exported_file_runs_without_fitdist(run, tmp_path, fmt):
     if fmt == "onnx":
         for module in ("onnx", "onnxscript", "onnxruntime"):
             pytest.importorskip(module)
-    path = export(run, fmt, tmp_path / f"student-{fmt}")
+    path = export(run, fmt, tmp_path / "out" / f"student-{fmt}")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"student-{fmt}"]  # one file, nothing beside it
     xs, ys = _outside_fitdist(fmt, path, tmp_path)
     student = _student(run)
     with torch.no_grad():
