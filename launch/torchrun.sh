@@ -11,6 +11,12 @@
 #   LOCAL_ADDR     address this node advertises (default: its hostname)
 #   MAX_RESTARTS   elastic restarts after a worker dies (default 0); restarted workers resume from
 #                  the run's last checkpoint (run.resume=auto is added when MAX_RESTARTS > 0)
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives the workers between the SIGTERM it forwards and SIGKILL
+#                  (default 120): a preempted run finishes its step, agrees within
+#                  run.preempt_check_every steps and saves its checkpoint inside this grace
+#   CACHE_ROOT     node-local directory for Triton's and the inductor's compile caches (default
+#                  $SLURM_TMPDIR, $TMPDIR or /tmp, then fitdist-$USER); TRITON_CACHE_DIR and
+#                  TORCHINDUCTOR_CACHE_DIR, when set, win
 #   PYTHON         interpreter with fitdist installed (default: $VENV or <repo>/.venv, else python3)
 set -euo pipefail
 
@@ -26,7 +32,9 @@ fi
 NNODES="${NNODES:-1}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
-args=(--nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS")
+# SIGUSR1 too (what SLURM's --signal sends): fitdist saves and exits 75 on either
+args=(--nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}"
+      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
   args+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-fitdist}")
 elif [ "$NNODES" -gt 1 ]; then
@@ -48,6 +56,12 @@ if [ "$MAX_RESTARTS" -gt 0 ]; then
   # read the address its dead predecessor published and fail to connect (pytorch/pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 fi
+
+# Compile caches on node-local disk: every rank of every node writing one cache in a shared home
+# directory is slow and races on NFS.
+cache_root="${CACHE_ROOT:-${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/fitdist-${USER:-$(id -u)}}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$cache_root/triton}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$cache_root/inductor}"
 
 # One intra-op thread per process unless told otherwise (torchrun's own default, said aloud).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
