@@ -61,3 +61,10 @@ def test_compile_caches_default_to_node_local_disk(tmp_path):
         seen = dict(line.split("=", 1) for line in record.read_text().splitlines() if "=" in line)
         prefix = root if "CACHE_ROOT" in extra else root / "fitdist-u"
         assert (seen["TRITON_CACHE_DIR"], seen["TORCHINDUCTOR_CACHE_DIR"]) == (f"{prefix}/triton", f"{prefix}/inductor")
+
+
+def test_a_signal_while_a_peer_is_gone_is_not_taken_for_a_preemption():
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(Path(__file__).with_name("peers_lost_worker.py"))],
+                          capture_output=True, text=True, timeout=120)
+    assert "PEERS_LOST signalled while another rank was gone" in done.stdout, done.stdout + done.stderr[-3000:]
