@@ -99,9 +99,9 @@ def line(r: dict) -> str:
 
 def write_reports(out: Path, meta: dict, results: list[dict]) -> None:
     (out / "report.json").write_text(json.dumps({**meta, "sections": results}, indent=1, default=str) + "\n")
-    md = [f"# fitdist GPU check: {meta['verdict']}", "",
-          f"- device: `{meta['device']}`; host: {meta['host']}; started {meta['started']}, "
-          f"{meta['seconds']:.0f} s in all", f"- command: `{meta['command']}`", "",
+    where = (f"- device: `{meta['device']}`; host: {meta['host']}; started {meta['started']}, "
+             f"{meta['seconds']:.0f} s in all")
+    md = [f"# fitdist GPU check: {meta['verdict']}", "", where, f"- command: `{meta['command']}`", "",
           "| section | status | seconds | detail |", "|---|---|---:|---|"]
     md += [f"| {r['number']} {r['name']} | {r['status']} | {r['seconds']:.1f} | {_cell(r['detail'])} |"
            for r in results]

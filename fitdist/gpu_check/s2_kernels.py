@@ -212,39 +212,42 @@ def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_hint(s_shape, t_shape, batch: int) -> dict:
+    reg = build_regressor(s_shape, t_shape, relu=True).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *s_shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    t = torch.randn(batch, *t_shape, device="cuda").relu().contiguous(memory_format=torch.channels_last)
+
+    def hint(impl):
+        with autocast("cuda", True):
+            loss = fused_hint_loss(x, reg, t, impl=impl)
+        loss.backward()
+
+    def hint_ref(x, t):
+        with autocast("cuda", True):
+            return hint_loss(reg(x), t)
+
+    return time_case(f"hint {batch}x{'x'.join(map(str, s_shape))}", lambda: hint("triton"),
+                     lambda: hint("reference"), torch.compile(hint_ref), (x, t))
+
+
+def time_kd(n: int, k: int) -> dict:
+    s = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, k, (n,), device="cuda")
+
+    def kd(impl):
+        fused_kd_ce_loss(s, t, y, 4.0, 0.5, 0.5, impl=impl).loss.backward()
+
+    def kd_ref(s, t, y):  # what impl="reference" computes
+        return 0.5 * F.cross_entropy(s.float(), y) + 0.5 * kd_loss(s, t, 4.0)
+
+    return time_case(f"kd {n}x{k}", lambda: kd("triton"), lambda: kd("reference"), torch.compile(kd_ref), (s, t, y))
+
+
 def timing(checks: Checks) -> str:
     """Kernel, reference and compiled reference, forward + backward, bf16 autocast, channels_last."""
-    rows = []
-    for s_shape, t_shape, batch in TIME_HINT:
-        reg = build_regressor(s_shape, t_shape, relu=True).cuda().to(memory_format=torch.channels_last)
-        x = torch.randn(batch, *s_shape, device="cuda").contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        t = torch.randn(batch, *t_shape, device="cuda").relu().contiguous(memory_format=torch.channels_last)
-
-        def hint(impl):
-            with autocast("cuda", True):
-                loss = fused_hint_loss(x, reg, t, impl=impl)
-            loss.backward()
-
-        def hint_ref(x, t):
-            with autocast("cuda", True):
-                return hint_loss(reg(x), t)
-
-        rows.append(time_case(f"hint {batch}x{'x'.join(map(str, s_shape))}", lambda: hint("triton"),
-                              lambda: hint("reference"), torch.compile(hint_ref), (x, t)))
-    for n, k in TIME_KD:
-        s = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.randint(0, k, (n,), device="cuda")
-
-        def kd(impl):
-            fused_kd_ce_loss(s, t, y, 4.0, 0.5, 0.5, impl=impl).loss.backward()
-
-        def kd_ref(s, t, y):  # what impl="reference" computes
-            return 0.5 * F.cross_entropy(s.float(), y) + 0.5 * kd_loss(s, t, 4.0)
-
-        rows.append(time_case(f"kd {n}x{k}", lambda: kd("triton"), lambda: kd("reference"), torch.compile(kd_ref),
-                              (s, t, y)))
+    rows = [time_hint(*case) for case in TIME_HINT] + [time_kd(*case) for case in TIME_KD]
     checks.data["timing_ms"] = rows
     return "; ".join(f"{r['case']}: triton {r['triton_ms']:.3f} ms, reference {r['reference_ms']:.3f}, "
                      f"compiled {r['compiled_ms']:.3f}" for r in rows)

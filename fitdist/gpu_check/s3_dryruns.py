@@ -15,7 +15,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from fitdist.gpu_check.common import CheckFailed, Checks, Context, fitdist_cmd, kill_group, last_error_line
+from fitdist.gpu_check.common import (
+    CheckFailed,
+    Checks,
+    Context,
+    fitdist_cmd,
+    kill_group,
+    last_error_line,
+)
 
 RECIPES = ("kd-resnet34-resnet18", "fitnets-resnet34-resnet18", "kd-resnet50-mobilenet_v2",
            "fitnets-resnet50-mobilenet_v2")

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from fitdist.gpu_check import fixtures
 from fitdist.gpu_check.common import (
-    CheckFailed, Checks, Context, fitdist_cmd, kill_group, last_error_line, run_logged, summary_of,
+    CheckFailed,
+    Checks,
+    Context,
+    fitdist_cmd,
+    kill_group,
+    last_error_line,
+    run_logged,
+    summary_of,
 )
 
 PREEMPTED_EXIT = 75  # fitdist.preemption.PREEMPTED_EXIT, as a user's script would test it

@@ -19,7 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fitdist.gpu_check import fixtures
-from fitdist.gpu_check.common import CheckFailed, Checks, Context, run_logged, summary_of, torchrun_cmd
+from fitdist.gpu_check.common import (
+    CheckFailed,
+    Checks,
+    Context,
+    run_logged,
+    summary_of,
+    torchrun_cmd,
+)
 
 STAGES = [{"name": "hint", "steps": 4, "ce": 0.0, "hint": 1.0}, {"name": "kd", "steps": 4, "ce": 1.0, "kd": [4.0, 1.0]}]
 CRASH_AFTER = 6

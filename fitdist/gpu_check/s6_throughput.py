@@ -68,7 +68,7 @@ def recipe_config(ctx: Context, kd: bool):
     from fitdist.config import load_config
 
     extra = [] if ctx.cuda else TINY
-    # no weights file: `make_teacher` builds it with random weights, which cost what trained ones do
+    # no weights file (see make_step)
     student_only = ["teacher.weights=null"] if kd else ["teacher=null", "stages=[{name: student, steps: 450410, ce: 1.0}]"]
     device = ["train.device=cuda"] if ctx.cuda else ["train.device=cpu"]
     return load_config(Path(ctx.repo) / "configs" / "imagenet" / f"{RECIPE}.yaml",
@@ -77,9 +77,10 @@ def recipe_config(ctx: Context, kd: bool):
 
 def make_step(ctx: Context, kd: bool, batch: int):
     """`step()` running one `train_step` of the recipe's first stage on a fixed batch."""
-    from fitdist.bench.step import make_teacher
     from fitdist.build import build_student, place
     from fitdist.dist import DistEnv
+    from fitdist.distiller import FrozenTeacher
+    from fitdist.models import build_model
     from fitdist.stage import prepare_stage, stage_weights, train_step
     from fitdist.strategy import build_strategy
     from fitdist.window import Window
@@ -89,7 +90,11 @@ def make_step(ctx: Context, kd: bool, batch: int):
     size = cfg.data.image_size
     data = SimpleNamespace(num_classes=cfg.data.num_classes, in_channels=3, image_size=(size, size))
     torch.manual_seed(0)
-    teacher = make_teacher(cfg, data) if kd else None
+    teacher = None
+    if kd:  # `build_teacher` without a weights file: random weights cost what trained ones do
+        model = build_model(cfg.teacher, data.num_classes, data.in_channels, where="teacher")
+        teacher = FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision,
+                                cfg.teacher.channels_last)
     student = build_student(cfg, data, teacher)
     place(cfg, student, teacher, device)
     strategy = build_strategy(cfg.strategy, DistEnv(device=device), cfg.train.precision, cfg.train)
