@@ -65,7 +65,9 @@ def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.
         try:  # a user factory: importable is all we can say without running its constructor
             getattr(importlib.import_module(kind), name)
         except (ImportError, AttributeError) as e:
-            raise UserError(f"{where}.name: cannot import {kind}:{name} ({e})") from None
+            error = UserError(f"{where}.name: cannot import {kind}:{name} ({e})")
+            error.local = True  # an environment can differ between nodes: every rank says so itself
+            raise error from None
         return None
     try:
         with torch.device("meta"):

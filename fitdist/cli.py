@@ -5,8 +5,9 @@ Bad input of any kind (`UserError`) is reported as one line on stderr with exit 
 torchrun, an error that every rank hits identically (bad arguments, config keys, types, world-size
 rules, model names and hint paths: everything decided before a rank touches a file) is printed by
 rank 0 alone, and the other ranks exit 2 silently. Any other `UserError` (a missing file, bad data)
-is printed by each rank that meets it: it may be one rank's alone (a node-local path), and a rank
-that failed silently would leave nobody to say why.
+(and a `pkg.module:factory` model that fails to import) is printed by each rank that meets it: it
+may be one node's alone (a node-local path, a node's environment), and a rank that failed silently
+would leave nobody to say why.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _every_rank():
     try:
         yield
     except UserError as e:
-        e.every_rank = True
+        e.every_rank = not getattr(e, "local", False)  # `local`: may differ between nodes
         raise
 
 

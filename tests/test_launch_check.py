@@ -81,9 +81,12 @@ def test_an_error_every_rank_hits_is_printed_by_rank_0(tmp_path, monkeypatch, ca
     assert main(["train", str(cfg), "hints.0.student=conv1"]) == 2  # hints list is empty: out of range
     err = capsys.readouterr().err.splitlines()
     assert len(err) == (2 if rank == "0" else 0), err
-    # a file missing on one node only is printed by every rank that meets it
+    # a file missing on one node only is printed by every rank that meets it, and so is a model
+    # module that one node's environment may lack
     assert main(["train", str(tmp_path / "elsewhere.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    assert main(["train", str(cfg), "student.name=no_such_module_here:factory"]) == 2
+    assert "cannot import no_such_module_here:factory" in capsys.readouterr().err
 
 
 def test_torchrun_without_the_check_prints_the_error_once(tmp_path):
