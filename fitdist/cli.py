@@ -13,8 +13,8 @@ would leave nobody to say why.
 from __future__ import annotations
 
 import argparse
-import importlib
 import contextlib
+import importlib
 import json
 import os
 import sys

@@ -51,7 +51,7 @@ def test_one_architecture_is_timed_once_and_a_teacher_run_is_the_reference(tmp_p
     res, heads = infer.run([str(teacher), str(kd_config), str(scratch)], teacher=str(teacher),
                            batches=[2], variants=["fp32"], device="cpu", rounds=1, warmup=0)
     assert len({r["key"] for r in res.rows}) == 2  # two architectures
-    by_label = dict((t.label, h) for t, h in heads)
+    by_label = {t.label: h for t, h in heads}
     assert by_label["kd"]["infer/speedup"] == by_label["scratch"]["infer/speedup"]
     assert "infer/speedup" not in by_label["teacher"]  # the reference has none
     table = infer.format_table(res, heads)

@@ -21,7 +21,6 @@ which `fitdist report` and the quickstart table show.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
