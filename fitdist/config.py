@@ -112,7 +112,7 @@ class DataConfig:
     mean: list[float] | None = None  # per-channel normalisation (None: the dataset's own)
     std: list[float] | None = None
     num_workers: int = 0  # loader worker processes per rank
-    shuffle_buffer: int = 512  # webdataset: samples per loader worker, filled before its first batch
+    shuffle_buffer: int = 256  # webdataset: samples per loader worker, filled before its first batch
     shard_mix: int = 8  # webdataset: training shards each loader worker reads at once, interleaved
     # webdataset: seconds a pipe:/http(s) shard may send nothing before the run fails naming it
     read_timeout: float = 300.0  # (0: wait forever)
