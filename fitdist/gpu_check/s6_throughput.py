@@ -78,6 +78,7 @@ def recipe_config(ctx: Context, kd: bool):
 def make_step(ctx: Context, kd: bool, batch: int):
     """`step()` running one `train_step` of the recipe's first stage on a fixed batch."""
     from fitdist.build import build_student, place
+    from fitdist.config import StageConfig
     from fitdist.dist import DistEnv
     from fitdist.distiller import FrozenTeacher
     from fitdist.models import build_model
@@ -98,7 +99,10 @@ def make_step(ctx: Context, kd: bool, batch: int):
     student = build_student(cfg, data, teacher)
     place(cfg, student, teacher, device)
     strategy = build_strategy(cfg.strategy, DistEnv(device=device), cfg.train.precision, cfg.train)
-    stage = cfg.stages[0]
+    # the recipe's first stage's loss weights, for as many steps as the recipe trains (the length
+    # only sets where the schedules stand; a recipe may give it in epochs, resolved from the data)
+    first = cfg.stages[0]
+    stage = StageConfig(name=first.name, steps=450410, ce=first.ce, kd=first.kd, hint=first.hint)
     prepared = prepare_stage(cfg, stage, student, teacher, strategy, 1, batch, (3, size, size))
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, data.num_classes, (batch,), device=device)
