@@ -62,7 +62,7 @@ def strategy_run(ctx: Context, kind: str) -> str:
     import torch
 
     config = fixtures.run_config(ctx, f"dist-{kind}", STAGES, train={"checkpoint_every": 3, "log_every": 2},
-                                 data={"num_workers": 1})
+                                 data={"num_workers": 2 if ctx.cuda else 0})  # CPU: section 4 covers workers
     runs = ctx.work / "runs"
     first, resumed = runs / f"dist-{kind}", runs / f"dist-{kind}-resumed"
     shutil.rmtree(first, ignore_errors=True)
