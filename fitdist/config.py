@@ -85,7 +85,10 @@ class OptimConfig:
 @dataclass
 class StageConfig:
     name: str = "train"
-    steps: int = 1000  # optimizer steps in this stage
+    steps: int | None = None  # optimizer steps in this stage; or:
+    # passes over the training set (steps = ⌈epochs × samples / train.batch_size⌉, from the data's
+    # size at the start of training): scaling the batch then keeps the epochs, not the steps
+    epochs: float | None = None
     ce: Weight = 1.0  # weight of cross-entropy with the labels
     # λ: weight of the KD term; [4, 1] anneals linearly (FitNets stage 2). By default λ multiplies
     # T²·KL(P_t^τ ‖ P_s^τ), Hinton's scale; loss.kd_t2: false makes it multiply the KL alone, the
@@ -177,7 +180,7 @@ class Config:
     teacher: TeacherConfig | None = None  # None: train on labels alone
     hints: list[HintConfig] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(steps=1000)])
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -381,8 +384,13 @@ def validate(cfg: Config) -> Config:
     if not cfg.stages:
         raise UserError("stages: the stage list is empty")
     for i, st in enumerate(cfg.stages):
-        if st.steps <= 0:
+        if (st.steps is None) == (st.epochs is None):
+            raise UserError(f"stages.{i} ({st.name}): give steps or epochs, one of them "
+                            f"(got steps {st.steps}, epochs {st.epochs})")
+        if st.steps is not None and st.steps <= 0:
             raise UserError(f"stages.{i}.steps: must be > 0, got {st.steps}")
+        if st.epochs is not None and not st.epochs > 0:
+            raise UserError(f"stages.{i}.epochs: must be > 0, got {st.epochs}")
         for term in ("ce", "kd", "hint"):
             w = getattr(st, term)
             if isinstance(w, list) and len(w) != 2:

@@ -27,23 +27,23 @@ import torch.distributed as tdist
 from fitdist import dist
 from fitdist.build import build_student, place
 from fitdist.compile import compile_models, compiled
-from fitdist.config import Config
+from fitdist.config import Config, StageConfig
 from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.errors import UserError
 from fitdist.models import build_model, count_macs, count_params
-from fitdist.stage import prepare_stage, stage_weights, train_step
+from fitdist.stage import prepare_stage, resolve_steps, stage_weights, train_step
 from fitdist.strategy import build_strategy
 from fitdist.window import Window
 
 DRY_BATCH = 4  # images per dry-run step: >1 so BatchNorm in train mode has statistics
-NATIVE = {"fashion-mnist": (10, 28)}  # sources whose class count and image size are known
+NATIVE = {"fashion-mnist": (10, 28, 60000)}  # sources whose class count, image size and size are known
 
 
 def synthetic_data(cfg: Config) -> DataBundle:
     """A bundle of the config's shape whose batches are random: no file is ever opened."""
     d = cfg.data
-    classes, size = NATIVE.get(d.source, (None, None))
+    classes, size, samples = NATIVE.get(d.source, (None, None, None))
     classes, size = d.num_classes or classes, d.image_size or size
     for key, value in (("data.num_classes", classes), ("data.image_size", size)):
         if value is None:  # shards would tell a real run, but a recipe must not depend on that
@@ -68,6 +68,7 @@ def synthetic_data(cfg: Config) -> DataBundle:
         image_size=(size, size),
         num_val=0,
         class_names=[str(i) for i in range(classes)],
+        num_train=min(samples, d.train_subset or samples) if samples else None,
     )
 
 
@@ -196,18 +197,26 @@ def dry_run(cfg: Config) -> dict:
             " (1-process gloo group)" if cfg.strategy.kind == "ddp" else ""
         )
         result["stages"] = [
-            _stage_steps(cfg, i, student, teacher, data, env) for i in range(len(cfg.stages))
+            _stage_steps(cfg, i, stage, student, teacher, data, env) for i, stage in enumerate(_dry_stages(cfg, data))
         ]
     if cfg.train.compile:
         result["compile"] = compiled(student, teacher)
     return result
 
 
-def _stage_steps(cfg: Config, index: int, student: Student, teacher, data: DataBundle, env) -> dict:
-    """Stage `index` on random data through the training step itself (`fitdist.stage`): its first
-    step and, for a stage of several steps, its last, so a weight schedule's both ends run
-    (`hint: [0, 1]` computes a term of weight 0 at one end)."""
-    stage = cfg.stages[index]
+def _dry_stages(cfg: Config, data: DataBundle) -> list[StageConfig]:
+    """The stages in steps; where the data's size is unknown without reading it (shards), a stage
+    in epochs runs as two steps, its schedule's two ends, and reports `steps: null`."""
+    if data.num_train is not None or all(st.epochs is None for st in cfg.stages):
+        return resolve_steps(cfg, data.num_train)
+    return [st if st.epochs is None else dataclasses.replace(st, steps=2, epochs=None) for st in cfg.stages]
+
+
+def _stage_steps(cfg: Config, index: int, stage: StageConfig, student: Student, teacher, data: DataBundle,
+                 env) -> dict:
+    """`stage` (number `index`) on random data through the training step itself (`fitdist.stage`):
+    its first step and, for a stage of several steps, its last, so a weight schedule's both ends
+    run (`hint: [0, 1]` computes a term of weight 0 at one end)."""
     strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
     prepared = prepare_stage(cfg, stage, student, teacher, strategy, env.world, DRY_BATCH,
                              (data.in_channels, *data.image_size))
@@ -216,17 +225,19 @@ def _stage_steps(cfg: Config, index: int, student: Student, teacher, data: DataB
     checked = []
     for step in sorted({0, stage.steps - 1}):
         window, weights = Window(), stage_weights(stage, step)
-        _, stepped = train_step(cfg, prepared, strategy, batches, weights, env.device, window)
+        train_step(cfg, prepared, strategy, batches, weights, env.device, window)
         row = window.flush(env.device, env.world)
-        terms = {k.removeprefix("train/"): v for k, v in row.items() if k.startswith("train/") and k != "train/skipped_steps"}
-        if not stepped or not all(math.isfinite(v) for v in terms.values()):
+        terms = {k.removeprefix("train/"): v for k, v in row.items()
+                 if k.startswith("train/") and not k.startswith("train/skipped")}
+        if row["train/skipped_steps"] or not all(math.isfinite(v) for v in terms.values()):
             raise UserError(f"stages.{index} ({stage.name}): the dry-run step {step} is not finite: {terms}")
         checked.append({"step": step, "weights": weights, "terms": terms, "grad_norm": row["grad_norm"]})
     strategy.end_stage()  # as after a stage: DeepSpeed's engine detached, ZeRO-3's parameters whole again
-    first = checked[0]
+    first, given = checked[0], cfg.stages[index]
     return {
         "name": stage.name,
-        "steps": stage.steps,
+        "steps": stage.steps if given.epochs is None or data.num_train else None,
+        **({"epochs": given.epochs} if given.epochs is not None else {}),
         "optim": prepared.optim.name,
         "lr": prepared.lr,
         "weights": first["weights"],

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from torch import nn
 from fitdist.config import Config, OptimConfig, StageConfig
 from fitdist.data.normalize import move_images
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student, used_terms
+from fitdist.errors import UserError
 from fitdist.schedule import weight_at
 from fitdist.strategy import Strategy
 from fitdist.window import Window
@@ -29,6 +32,20 @@ from fitdist.window import Window
 def stage_terms(stage: StageConfig) -> frozenset[str]:
     """The terms `stage` computes on every step: those whose weight is ever non-zero."""
     return used_terms({t: getattr(stage, t) for t in TERMS})
+
+
+def resolve_steps(cfg: Config, num_train: int | None) -> list[StageConfig]:
+    """`cfg.stages` with every stage given in epochs turned into steps over `num_train` samples at
+    the global batch `train.batch_size` (rounded up: the last pass is complete)."""
+    out = []
+    for i, stage in enumerate(cfg.stages):
+        if stage.epochs is not None:
+            if not num_train:
+                raise UserError(f"stages.{i}.epochs: the data does not say how many training samples it "
+                                "has; give steps")
+            stage = dataclasses.replace(stage, steps=max(1, math.ceil(stage.epochs * num_train / cfg.train.batch_size)))
+        out.append(stage)
+    return out
 
 
 def stage_weights(stage: StageConfig, step: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
 from fitdist.models import count_macs, count_params
 from fitdist.preemption import Preempted, PreemptionGuard
-from fitdist.stage import PreparedStage, prepare_stage, stage_weights, train_step
+from fitdist.stage import PreparedStage, prepare_stage, resolve_steps, stage_weights, train_step
 from fitdist.strategy import build_strategy
 from fitdist.window import Window
 
@@ -77,6 +77,7 @@ class _Run:
                             f"({cfg.train.grad_accum} × {env.world})")
         self.micro_batch = per_step // env.world
         self.data = build_data(cfg.data, self.micro_batch, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
+        self.stages = resolve_steps(cfg, self.data.num_train)  # stages in epochs, in steps
         self.teacher = build_teacher(cfg, self.data)
         torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed alone
         self.student = build_student(cfg, self.data, self.teacher)
@@ -140,14 +141,14 @@ class _Run:
                   + (f"; teacher {cfg.teacher.name}: {count_params(self.teacher.model):,} params" if self.teacher else "")
                   + f"; world size {self.env.world}; device {self.env.device}")
         if self.resumed_state is not None:
-            log.print(f"resumed from step {self.pos.global_step} (stage {cfg.stages[self.pos.stage].name}, "
+            log.print(f"resumed from step {self.pos.global_step} (stage {self.stages[self.pos.stage].name}, "
                       f"step {self.pos.step})")
         try:
             with self.guard:
-                for index in range(self.pos.stage, len(cfg.stages)):
+                for index in range(self.pos.stage, len(self.stages)):
                     if index > self.pos.stage:
                         self.pos.stage, self.pos.step = index, 0
-                    self._run_stage(cfg.stages[index])
+                    self._run_stage(self.stages[index])
             return self._finish()
         finally:
             log.finish()

@@ -30,6 +30,7 @@ class DataBundle:
     num_val: int  # validation samples across all ranks
     class_names: list[str]
     metrics: Callable[[], dict[str, float]] = dict  # loader counters to log, e.g. {"data/skipped": 3}
+    num_train: int | None = None  # training samples across all ranks (None: unknown)
     # (batch images, device) -> float images on the device, normalised; the real sources send
     # uint8 and normalise there (DeviceNormalize), synthetic float data is only moved
     to_device: Callable[[torch.Tensor, torch.device], torch.Tensor] = move_images
@@ -68,6 +69,7 @@ def _fashion_mnist(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int
         in_channels=1,
         image_size=(28, 28),
         num_val=len(test),
+        num_train=len(train),
         class_names=list(fm.CLASSES),
         to_device=DeviceNormalize(mean, std),
     )

@@ -240,6 +240,7 @@ def build_webdataset(
     class_names, num_val = list(manifest["classes"]), sum(val_counts)
     del table, val_table, manifest, val_manifest, manifests
     limits: dict[str, int] = {}
+    num_train = min(sum(train_counts), cfg.train_subset or sum(train_counts))
     if cfg.train_subset:
         train_urls, limits = _subset(train_urls, train_counts, cfg.train_subset)
     counter = SkipCounter()
@@ -296,5 +297,6 @@ def build_webdataset(
         num_val=num_val,
         class_names=class_names,
         metrics=counter.metrics,
+        num_train=num_train,
         to_device=DeviceNormalize(mean, std),
     )
