@@ -57,7 +57,10 @@ def place(cfg: Config, student: Student, teacher: FrozenTeacher | None, device: 
     """Moves both models to `device`, the student in its configured memory format, the teacher in
     its own, its weights cast once to its precision."""
     student.to(device)
-    if cfg.train.channels_last:
+    # DeepSpeed flattens the trainable weights into contiguous buffers (it views each one as bytes,
+    # which a channels_last weight refuses): there the images alone are channels_last, and each
+    # convolution follows its input's layout
+    if cfg.train.channels_last and cfg.strategy.kind != "deepspeed":
         student.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.place(device)

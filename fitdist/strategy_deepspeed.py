@@ -132,6 +132,12 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         self.end_stage()
+        if self.env.device.type == "cpu" and self.precision != "fp32" and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            # DeepSpeed casts the module, BatchNorm included, to bf16/fp16, and the CPU's autocast
+            # feeds batch_norm fp32: the first forward would fail inside torch (not tried on CUDA)
+            raise UserError(f"train.precision: {self.precision} with strategy.kind=deepspeed on the CPU cannot run "
+                            "a student with BatchNorm; use train.precision=fp32 there")
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optim, lr)
         # The schedule acts on the torch optimizer's parameter groups, which DeepSpeed's ZeRO

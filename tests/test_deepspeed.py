@@ -317,3 +317,22 @@ def test_trainable_all_leaves_what_the_losses_do_not_reach_as_it_is(ds_config, t
     state = load(tmp_path / "all" / "student.pt")
     changed = {k.split(".")[0] for k, v in state.items() if not torch.equal(v, fresh[k])}
     assert changed == {"conv1", "conv2", "conv3"}
+
+
+@pytest.mark.parametrize("zero", [ZERO2, ZERO3])
+def test_channels_last_trains_under_deepspeed(ds_config, tmp_path, zero):
+    """DeepSpeed views each weight as bytes to flatten it: the student's weights stay contiguous and
+    the images alone are channels_last (a channels_last weight made `deepspeed.initialize` fail)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    summary = train(load_config(ds_config, ["train.channels_last=true", f"strategy.deepspeed_config={zero}",
+                                            f"run.dir={tmp_path / 'cl'}"]))
+    assert summary["steps"] == 10
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / "cl" / "student.pt").values())
+
+
+def test_bf16_with_batchnorm_on_the_cpu_is_a_clear_error(ds_config, tmp_path):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = load_config(ds_config, ["train.precision=bf16", "student.kwargs.batch_norm=true", f"run.dir={tmp_path / 'bn'}"])
+    with pytest.raises(UserError, match=r"^train.precision: bf16 with strategy.kind=deepspeed on the CPU cannot run "
+                                        r"a student with BatchNorm"):
+        train(cfg)
