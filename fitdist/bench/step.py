@@ -100,7 +100,8 @@ def make_teacher(cfg: Config, data) -> FrozenTeacher:
     """`build_teacher` without its weights file: random weights cost the same to run."""
     torch.manual_seed(1)
     model = build_model(cfg.teacher, data.num_classes, data.in_channels, where="teacher")
-    return FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision)
+    teacher = FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision, cfg.teacher.channels_last)
+    return teacher.place(torch.device("cpu"))  # as a run places it: layout and precision cast once
 
 
 @dataclass
