@@ -102,7 +102,8 @@ def check(cfg: Config, world: int = 1, files: bool = True) -> str:
     deterministic_checks(cfg, world)
     if files:
         file_checks(cfg)
-    stages = ", ".join(f"{s.name} {s.steps}" for s in cfg.stages)
+    stages = ", ".join(f"{s.name} {s.steps} steps" if s.epochs is None else f"{s.name} {s.epochs:g} epochs"
+                       for s in cfg.stages)
     return f"config OK: {cfg.name} (stages: {stages}; world size {world}; strategy {cfg.strategy.kind})"
 
 

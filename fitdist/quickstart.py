@@ -35,7 +35,10 @@ def _load(name: str, out: Path, scale: float, overrides: list[str], teacher: Pat
     if cfg.teacher is not None and teacher is not None:
         cfg.teacher.weights = str(teacher)
     for stage in cfg.stages:
-        stage.steps = max(1, round(stage.steps * scale))
+        if stage.epochs is not None:
+            stage.epochs *= scale
+        else:
+            stage.steps = max(1, round(stage.steps * scale))
     if cfg.train.eval_every:  # a scaled run keeps its curve's points
         cfg.train.eval_every = max(1, round(cfg.train.eval_every * scale))
     return cfg
