@@ -9,8 +9,8 @@ large batch (throughput), in each memory format / precision the device supports:
 - `bf16`, `bf16+channels_last`: weights and inputs cast to bfloat16, where the device supports
   it (CUDA with bf16, a CPU with oneDNN bf16 kernels).
 
-Models are timed round-robin, the order rotating every round, so that load on a shared machine
-hits every model alike; each figure is the median of `--rounds` timed calls after `--warmup`
+All models and variants of one batch size are timed round-robin, the order rotating every round,
+so that load on a shared machine hits every one of them alike; each figure is the median of `--rounds` timed calls after `--warmup`
 untimed ones (CUDA: synchronised). A model's headline is its best variant at the large batch;
 a student's speed-up is its headline img/s over its teacher's (the teacher of its config, or
 `--teacher`). Each argument is a run directory (config.yaml; student.pt loaded when present) or
@@ -179,28 +179,30 @@ def measure(found: list[Target], batches: list[int], variants: list[str], device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     for batch in batches:
-        for variant in variants:
-            pairs = {}
-            for key, (t, model) in models.items():
-                x = torch.randn(batch, *t.shape, generator=gen).to(device)
-                pairs[key] = _prepared(model, x, variant)
-            times: dict[str, list[float]] = {key: [] for key in pairs}
-            keys = list(pairs)
-            with torch.inference_mode():
-                for r in range(warmup + rounds):
-                    for key in keys[r % len(keys):] + keys[: r % len(keys)]:  # the order rotates
-                        m, x = pairs[key]
-                        sync()
-                        start = time.perf_counter()
-                        m(x)
-                        sync()
-                        if r >= warmup:
-                            times[key].append(time.perf_counter() - start)
-            for key, ts in times.items():
-                median = statistics.median(ts)
-                res.rows.append({"key": key, "model": models[key][0].label, "batch": batch, "variant": variant,
-                                 "ms": median * 1e3, "img_per_s": batch / median})
-            del pairs
+        # every (model, variant) of this batch size in one rotation: load that comes and goes on a
+        # shared machine then hits all of them alike, and their ratios stay meaningful
+        pairs = {}
+        for key, (t, model) in models.items():
+            x = torch.randn(batch, *t.shape, generator=gen).to(device)
+            for variant in variants:
+                pairs[key, variant] = _prepared(model, x, variant)
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in pairs}
+        order = list(pairs)
+        with torch.inference_mode():
+            for r in range(warmup + rounds):
+                for k in order[r % len(order):] + order[: r % len(order)]:  # the order rotates
+                    m, x = pairs[k]
+                    sync()
+                    start = time.perf_counter()
+                    m(x)
+                    sync()
+                    if r >= warmup:
+                        times[k].append(time.perf_counter() - start)
+        for (key, variant), ts in times.items():
+            median = statistics.median(ts)
+            res.rows.append({"key": key, "model": models[key][0].label, "batch": batch, "variant": variant,
+                             "ms": median * 1e3, "img_per_s": batch / median})
+        del pairs
     return res
 
 
