@@ -20,7 +20,7 @@ def kd_config(tmp_path):
 def test_every_model_batch_and_variant_is_timed(kd_config):
     res, heads = infer.run([str(kd_config)], batches=[1, 4], variants=["fp32", "channels_last"],
                            device="cpu", rounds=2, warmup=1)
-    assert res.device.startswith("cpu: ") and "threads" in res.device
+    assert res.device.startswith("cpu: ") and "thread" in res.device
     assert len(res.rows) == 2 * 2 * 2  # teacher and student, two batches, two variants
     assert all(r["img_per_s"] > 0 and r["ms"] > 0 for r in res.rows)
     ((student, h),) = heads
