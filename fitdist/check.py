@@ -19,7 +19,6 @@ the CLI runs it inside each rank too and, when it fails, only rank 0 prints the 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 
@@ -58,6 +57,7 @@ def model_checks(cfg: Config) -> None:
 
 
 def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.Module | None:
+    from fitdist.evaluate_run import architecture
     from fitdist.models import build_model
 
     kind, sep, name = model_cfg.name.partition(":")
@@ -71,7 +71,7 @@ def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.
         return None
     try:
         with torch.device("meta"):
-            return build_model(dataclasses.replace(model_cfg, weights=None), classes, channels, where=where)
+            return build_model(architecture(model_cfg), classes, channels, where=where)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - a model that cannot live on meta: the real run will tell

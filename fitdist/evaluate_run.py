@@ -6,11 +6,21 @@ from dataclasses import replace
 from pathlib import Path
 
 from fitdist import dist
-from fitdist.config import load_config
+from fitdist.config import ModelConfig, load_config
 from fitdist.data import build_data
 from fitdist.errors import UserError
 from fitdist.evaluate import evaluate
 from fitdist.models import build_model, load_weights
+
+
+def architecture(spec: ModelConfig) -> ModelConfig:
+    """The model's spec without its weights: what a trained `student.pt` is loaded into. A `head`
+    setting only applies to weights loaded by name, so it goes too (the built classifier already
+    has the data's class count)."""
+    bare = replace(spec, weights=None)
+    if getattr(bare, "head", "keep") != "keep":
+        bare = replace(bare, head="keep")
+    return bare
 
 
 def locate(path: Path, where: str = "eval") -> tuple[Path, Path]:
@@ -38,7 +48,7 @@ def evaluate_run(path: str, overrides: list[str] = ()) -> dict:
     env = dist.setup(cfg.train.device, cfg.strategy.backend)
     try:
         data = build_data(cfg.data, 1, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
-        model = build_model(replace(cfg.student, weights=None), data.num_classes, data.in_channels)
+        model = build_model(architecture(cfg.student), data.num_classes, data.in_channels)
         load_weights(model, str(weights), where="eval")
         metrics = evaluate(model.to(env.device), data.val_batches(), env.device, cfg.train.precision, data.to_device)
     finally:

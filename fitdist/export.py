@@ -21,14 +21,13 @@ capture is a `UserError` naming the format and the first line of the reason.
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fitdist.config import load_config
 from fitdist.errors import UserError
-from fitdist.evaluate_run import locate
+from fitdist.evaluate_run import architecture, locate
 from fitdist.models import build_model, load_weights
 
 SUFFIX = {"torchscript": ".ts", "exported": ".pt2", "onnx": ".onnx"}
@@ -41,7 +40,7 @@ def load_student(run: str | Path, overrides: list[str] = ()) -> tuple[torch.nn.M
     config_path, weights = locate(Path(run), where="export")
     cfg = load_config(config_path, list(overrides))
     data = synthetic_data(cfg)  # class count and input shape from the config alone: no data read
-    model = build_model(replace(cfg.student, weights=None), data.num_classes, data.in_channels)
+    model = build_model(architecture(cfg.student), data.num_classes, data.in_channels)
     load_weights(model, str(weights), where="export")
     example = torch.randn(2, data.in_channels, *data.image_size, generator=torch.Generator().manual_seed(0))
     return model.eval(), example, weights

@@ -32,6 +32,7 @@ import torch
 
 from fitdist.config import Config, ModelConfig, load_config
 from fitdist.errors import UserError
+from fitdist.evaluate_run import architecture
 from fitdist.models import build_model, count_params, load_weights
 
 
@@ -119,7 +120,7 @@ def targets(paths: list[str], teacher: str | None = None) -> list[Target]:
 
 
 def _build(t: Target) -> torch.nn.Module:
-    model = build_model(replace(t.spec, weights=None), t.classes, t.shape[0], where=t.label)
+    model = build_model(architecture(t.spec), t.classes, t.shape[0], where=t.label)
     if t.weights:
         load_weights(model, t.weights, where="bench infer")
     return model.eval()
@@ -271,7 +272,7 @@ def format_table(res: Results, heads: list[tuple[Target, dict]]) -> str:
             shown.add(t.teacher.key)
         rows.append((t, h))
     for t, h in rows:
-        params = count_params(build_model(replace(t.spec, weights=None), t.classes, t.shape[0], where=t.label))
+        params = count_params(build_model(architecture(t.spec), t.classes, t.shape[0], where=t.label))
         speedup = f"{h['infer/speedup']:.2f}×" if "infer/speedup" in h else "1× (reference)" if any(
             s.teacher is not None and s.teacher.key == t.key for s, _ in heads) else "—"
         lines.append(f"| {t.label} | {params:,} | {h['infer/latency_ms']:.2f} | {h['infer/img_per_s']:,.0f} | "
