@@ -90,3 +90,39 @@ def test_cli_prints_the_table(kd_config):
     js = run_cli("bench", "infer", kd_config, "--batch", "2", "--rounds", "1", "--variants", "fp32", "--json")
     assert set(json.loads(js.stdout)) == {"device", "rows", "students"}
     assert yaml.safe_load(kd_config.read_text())["teacher"]["weights"].endswith("not-yet.pt")  # never needed
+
+
+def test_quickstart_table_gains_measured_speed(tmp_path, monkeypatch):
+    """The quickstart times its runs after training and shows img/s and speed-up, device named."""
+    from functools import partial
+
+    from fitdist import quickstart
+
+    runs = []
+    for name, student, teacher in (("t", TEACHER, None), ("s", STUDENT, TEACHER)):
+        sections = {"student": student} | ({"teacher": {**teacher, "weights": "x.pt"}} if teacher else {})
+        cfg = write_config(tmp_path / f"{name}.yaml", **sections)
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(cfg.read_text())
+        (run / "summary.json").write_text(json.dumps({"val/top1": 80.0}))
+        runs.append(run)
+    monkeypatch.setattr(infer, "run", partial(infer.run, batches=[1, 2], variants=["fp32"], rounds=1, warmup=0))
+    rows = [{"model": m, "params": 1, "method": "x", "stages": "train 1", "top1": 80.0, "wall_time_s": 1.0}
+            for m in ("teacher", "student")]
+    note = quickstart.measure_speed(rows, runs)
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["img_per_s"] > 0
+    table = quickstart.format_table(rows)
+    assert table.splitlines()[0].endswith("| img/s | speed-up |")
+    assert table.splitlines()[3].endswith(f"| {rows[1]['speedup']:.2f}× |")
+    assert "measured by `fitdist bench infer` on cpu: " in note
+    assert json.loads((runs[1] / "summary.json").read_text())["infer/speedup"] == rows[1]["speedup"]
+
+
+@pytest.mark.parametrize("name", ["fmnist-teacher", "fmnist-scratch", "fmnist-kd", "fmnist-fitnets"])
+def test_quickstart_configs_evaluate_during_training(name):
+    from fitdist.config import load_config
+    from fitdist.quickstart import config_path
+
+    cfg = load_config(config_path(name))
+    assert 0 < cfg.train.eval_every < sum(s.steps for s in cfg.stages) // 4  # several points per curve
