@@ -50,7 +50,7 @@ class Window:
         self.norm, self.lr = grad_norm.float(), lr
         self.skipped = self.skipped + skipped
         self.in_a_row = (self.in_a_row + 1) * skipped
-        self.longest = torch.maximum(torch.as_tensor(self.longest, device=skipped.device), self.in_a_row)
+        self.longest = torch.clamp(self.in_a_row, min=self.longest)  # min: a float or a tensor, no copy
 
     def flush(self, device: torch.device, world: int) -> dict:
         """The row (every rank calls it: the terms are averaged over ranks), then a new window."""
