@@ -120,8 +120,8 @@ class _Run:
         except UserError as e:
             error = f"rank {env.rank}: {e}"
         errors = [e for e in dist.gather_objects(error) if e]
-        if errors:
-            raise UserError(errors[0])
+        if errors:  # every rank stops, rank 0 says why
+            raise dist.every_rank(UserError(errors[0]))
         _check_same_config(state["config"], to_dict(self.cfg), path)
         saved_world = state.get("world", 1)
         if saved_world != env.world:
