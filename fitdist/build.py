@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fitdist import pretrained
 from fitdist.config import Config
 from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
@@ -11,6 +12,7 @@ from fitdist.errors import UserError
 from fitdist.features import FeatureTap
 from fitdist.models import build_model
 from fitdist.regressors import build_regressor
+from fitdist.teacher_input import TeacherInput
 
 
 def probe_input(data: DataBundle, batch: int = 2) -> torch.Tensor:
@@ -21,9 +23,36 @@ def build_teacher(cfg: Config, data: DataBundle) -> FrozenTeacher | None:
     if cfg.teacher is None:
         return None
     if not cfg.teacher.weights:
-        raise UserError("teacher.weights: a teacher needs a trained weights file (a run's student.pt)")
+        raise UserError("teacher.weights: a teacher needs trained weights: a file (a run's student.pt) "
+                        "or torchvision pretrained weights by name (torchvision:DEFAULT)")
     model = build_model(cfg.teacher, data.num_classes, data.in_channels, where="teacher")
-    return FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision, cfg.teacher.channels_last)
+    return FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision, cfg.teacher.channels_last,
+                         teacher_input(cfg, data))
+
+
+def teacher_input(cfg: Config, data: DataBundle) -> TeacherInput | None:
+    """The teacher's re-normalisation / resize of the student's batch; None when it sees that batch as is.
+
+    The student's statistics are those the data bundle normalises with (its `to_device`); a float
+    source (synthetic data) has none and is taken as standard-normalised, mapped affinely."""
+    t = cfg.teacher.input
+    s_mean, s_std = getattr(data.to_device, "mean", None), getattr(data.to_device, "std", None)
+    pixels = s_mean is not None
+    s_mean = s_mean.flatten().tolist() if pixels else [0.0] * data.in_channels
+    s_std = s_std.flatten().tolist() if pixels else [1.0] * data.in_channels
+    default = pretrained.input_stats(cfg.teacher, data.in_channels)  # the named weights' own, if any
+    mean = t.mean or (default[0] if default else s_mean)
+    std = t.std or (default[1] if default else s_std)
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) != data.in_channels:
+            raise UserError(f"teacher.input.{key}: {len(values)} values for {data.in_channels}-channel data")
+    if any(v <= 0 for v in std):
+        raise UserError(f"teacher.input.std: {std} must be positive")
+    if t.size is not None and t.size < 1:
+        raise UserError(f"teacher.input.size: {t.size} is not a size in pixels")
+    size = None if t.size is None or (t.size, t.size) == tuple(data.image_size) else t.size
+    mapping = TeacherInput(s_mean, s_std, mean, std, size, pixels)
+    return None if mapping.identity else mapping
 
 
 def build_student(cfg: Config, data: DataBundle, teacher: FrozenTeacher | None) -> Student:
@@ -37,7 +66,7 @@ def build_student(cfg: Config, data: DataBundle, teacher: FrozenTeacher | None) 
     backbone.eval()
     try:
         with torch.no_grad():
-            t_logits, t_feats = teacher.tap.probe(x)
+            t_logits, t_feats = teacher.tap.probe(teacher.prepare(x))
             _, s_feats = probe.probe(x)
     finally:
         probe.remove()

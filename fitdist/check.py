@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fitdist import pretrained
 from fitdist.config import Config
 from fitdist.errors import UserError
 
@@ -83,8 +84,15 @@ def file_checks(cfg: Config) -> None:
     path can exist on one node and not another, and each rank must then say so itself)."""
     if cfg.teacher is not None:
         if not cfg.teacher.weights:
-            raise UserError("teacher.weights: a teacher needs a trained weights file (a run's student.pt)")
-        if not Path(cfg.teacher.weights).is_file():
+            raise UserError("teacher.weights: a teacher needs trained weights: a file (a run's student.pt) "
+                            "or torchvision pretrained weights by name (torchvision:DEFAULT)")
+        if pretrained.is_named(cfg.teacher.weights):  # the name must resolve; the file may yet be fetched
+            kind, _, name = cfg.teacher.name.partition(":")
+            if kind != "torchvision":
+                raise UserError(f"teacher.weights: {cfg.teacher.weights} names torchvision weights but "
+                                f"teacher.name is {cfg.teacher.name}")
+            pretrained.resolve(name, cfg.teacher.weights, "teacher")
+        elif not Path(cfg.teacher.weights).is_file():
             raise UserError(f"teacher.weights: file not found: {cfg.teacher.weights}")
     ds = cfg.strategy.deepspeed_config
     if cfg.strategy.kind == "deepspeed" and ds and not Path(ds).is_file():

@@ -32,13 +32,29 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 class ModelConfig:
     name: str = "fitdist:fitnet"  # torchvision:<name> | fitdist:<zoo name> | pkg.module:factory
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory arguments
-    weights: str | None = None  # local state_dict file to load (e.g. a trained teacher's student.pt)
+    # a local state_dict file (e.g. a trained teacher's student.pt), or pretrained weights by name for a
+    # torchvision model: torchvision:<Enum>.<TAG> | torchvision:<TAG> | torchvision:DEFAULT (torch hub cache)
+    weights: str | None = None
+    # pretrained weights predicting another class count than the data's: keep (an error) | reset (a new
+    # classifier for the data's classes; students only: a teacher's logits must be trained ones)
+    head: Literal["keep", "reset"] = "keep"
+
+
+@dataclass
+class TeacherInputConfig:
+    """The input the teacher was trained on; the student's batch is re-made so on the device."""
+
+    # per-channel statistics (None: those of the named pretrained weights, else the data's own)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    size: int | None = None  # square input side in pixels (None: the data's image size, no resize)
 
 
 @dataclass
 class TeacherConfig(ModelConfig):
     precision: Literal[PRECISIONS] = "fp32"  # the teacher's own forward precision
     channels_last: bool = False  # run the teacher in channels_last memory format
+    input: TeacherInputConfig = field(default_factory=TeacherInputConfig)  # see fitdist/teacher_input.py
 
 
 @dataclass

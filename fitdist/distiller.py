@@ -30,12 +30,19 @@ AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1
 class FrozenTeacher(nn.Module):
     """A trained model used as a fixed target: always eval, never trained."""
 
-    def __init__(self, model: nn.Module, hint_paths: list[str], precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, model: nn.Module, hint_paths: list[str], precision: str = "fp32", channels_last: bool = False,
+                 input_map: nn.Module | None = None):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.tap = FeatureTap(model, hint_paths, where="teacher hint")
         self.precision, self.channels_last = precision, channels_last
+        # the student's batch re-normalised / resized for this teacher (fitdist/teacher_input.py)
+        self.input_map = input_map
         super().train(False)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's own input from the student's: what every call of the teacher sees."""
+        return images if self.input_map is None else self.input_map(images)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # BN statistics and dropout of the teacher never change
@@ -58,6 +65,7 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()  # not inference_mode: the outputs feed losses that are differentiated
     def forward(self, images: torch.Tensor, need_logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        images = self.prepare(images)  # in float32, before autocast: statistics are not rounded to bf16
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(images.device, self.precision):

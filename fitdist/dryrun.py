@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from fitdist import dist
-from fitdist.build import build_student, place
+from fitdist import dist, pretrained
+from fitdist.build import build_student, place, teacher_input
 from fitdist.compile import compile_models, compiled
 from fitdist.config import Config, StageConfig
 from fitdist.data import DataBundle
@@ -77,7 +77,7 @@ def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, st
     if cfg.teacher is None:
         return None, None
     weights = cfg.teacher.weights
-    found = bool(weights) and Path(weights).is_file()
+    found = weights_found(cfg.teacher, "teacher")
     model_cfg = cfg.teacher if found else dataclasses.replace(cfg.teacher, weights=None)
     model = build_model(model_cfg, data.num_classes, data.in_channels, where="teacher")
     note = (
@@ -86,7 +86,26 @@ def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, st
     if not found and calibrate_batchnorm(model, data):
         note += "; BatchNorm statistics from random batches"
     hints = [h.teacher for h in cfg.hints]
-    return FrozenTeacher(model, hints, cfg.teacher.precision, cfg.teacher.channels_last), note
+    return FrozenTeacher(model, hints, cfg.teacher.precision, cfg.teacher.channels_last, teacher_input(cfg, data)), note
+
+
+def weights_found(model_cfg, where: str) -> bool:
+    """A local weights file that exists, or named weights already in the cache: the dry run never
+    downloads (a name that does not resolve is still an error)."""
+    weights = model_cfg.weights
+    if pretrained.is_named(weights):
+        entry = pretrained.resolve(model_cfg.name.partition(":")[2], weights, where)
+        return pretrained.cache_path(entry.url).is_file()
+    return bool(weights) and Path(weights).is_file()
+
+
+def dry_student(cfg: Config) -> tuple[Config, str | None]:
+    """`cfg` with the student's named weights dropped when they are not in the cache yet."""
+    weights = cfg.student.weights
+    if not pretrained.is_named(weights) or weights_found(cfg.student, "student"):
+        return cfg, (f"loaded {weights}" if weights else None)
+    student = dataclasses.replace(cfg.student, weights=None, head="keep")
+    return dataclasses.replace(cfg, student=student), f"random ({weights} not in the cache yet)"
 
 
 def calibrate_batchnorm(model: torch.nn.Module, data: DataBundle, batches: int = 2) -> bool:
@@ -120,7 +139,7 @@ def describe_hints(
     student.eval()
     with torch.no_grad():
         _, s_feats = student.tap(x)
-        _, t_feats = teacher.tap(x)
+        _, t_feats = teacher.tap(teacher.prepare(x))
     student.train()
     out = []
     for h, sf, tf, reg in zip(cfg.hints, s_feats, t_feats, student.regressors):
@@ -161,7 +180,8 @@ def dry_run(cfg: Config) -> dict:
     data = synthetic_data(cfg)
     teacher, teacher_note = dry_teacher(cfg, data)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, data, teacher)
+    student_cfg, student_note = dry_student(cfg)
+    student = build_student(student_cfg, data, teacher)
     probe = torch.randn(1, data.in_channels, *data.image_size)
     result = {
         "name": cfg.name,
@@ -178,6 +198,7 @@ def dry_run(cfg: Config) -> dict:
             "params": count_params(student.backbone),
             "regressor_params": count_params(student.regressors),
             "macs": count_macs(student.backbone, probe),
+            **({"weights": student_note} if student_note else {}),
         },
         "teacher": None,
         "hints": describe_hints(cfg, student, teacher, probe.repeat(2, 1, 1, 1)),
@@ -186,7 +207,7 @@ def dry_run(cfg: Config) -> dict:
         result["teacher"] = {
             "name": cfg.teacher.name,
             "params": count_params(teacher.model),
-            "macs": count_macs(teacher.model, probe),
+            "macs": count_macs(teacher.model, teacher.prepare(probe)),
             "weights": teacher_note,
         }
     place(cfg, student, teacher, env.device)

@@ -2,7 +2,8 @@
 
 Every model is built with the data's number of classes and input channels; torchvision models
 get their stem convolution rebuilt for a different channel count (e.g. 1-channel Fashion-MNIST).
-Weights come only from local files, loaded with `weights_only=True`.
+Weights come from a local file or, for torchvision models, by name through torchvision's weight
+enums and the torch hub cache (fitdist/pretrained.py); every load is `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fitdist import pretrained
 from fitdist.config import ModelConfig
 from fitdist.errors import UserError, did_you_mean
 
@@ -23,6 +25,16 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str
     kind, sep, name = cfg.name.partition(":")
     if not sep or not name:
         raise UserError(f"{where}.name: {cfg.name!r} is not of the form torchvision:NAME, fitdist:NAME or pkg.module:factory")
+    if cfg.head == "reset" and where == "teacher":
+        raise UserError("teacher.head: reset would give the teacher an untrained classifier: its logits "
+                        "would be meaningless; a teacher's weights must predict the data's classes")
+    if cfg.head != "keep" and not pretrained.is_named(cfg.weights):
+        raise UserError(f"{where}.head: {cfg.head} applies to pretrained weights by name "
+                        f"(weights: torchvision:<Enum>.<TAG>), not to {cfg.weights or 'no weights'}")
+    if pretrained.is_named(cfg.weights):
+        if kind != "torchvision":
+            raise UserError(f"{where}.weights: {cfg.weights} names torchvision weights but {where}.name is {cfg.name}")
+        return _torchvision_pretrained(cfg, name, num_classes, in_channels, where)
     if kind == "torchvision":
         model = _torchvision(name, num_classes, in_channels, cfg.kwargs, where)
     elif kind == "fitdist":
@@ -63,13 +75,34 @@ def _torchvision(name: str, num_classes: int, in_channels: int, kwargs: dict, wh
     if name not in available:
         raise UserError(f"{where}.name: no torchvision model {name!r}{did_you_mean(name, available)}")
     if "weights" in kwargs:
-        raise UserError(f"{where}.kwargs.weights: hub weights are not downloaded; give a local file in {where}.weights")
+        raise UserError(f"{where}.kwargs.weights: name pretrained weights in {where}.weights "
+                        f"(e.g. torchvision:DEFAULT) or give a local file there")
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}.kwargs: cannot build torchvision {name}: {e}") from None
     if in_channels != 3:
         _adapt_stem(model, in_channels)
+    return model
+
+
+def _torchvision_pretrained(cfg: ModelConfig, name: str, num_classes: int, in_channels: int, where: str) -> nn.Module:
+    """A torchvision model with its named weights; a classifier for another class count is an
+    error for a teacher (its logits would not be the data's classes) and replaced on `head: reset`."""
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        raise UserError(f"{where}.name: no torchvision model {name!r}{did_you_mean(name, available)}")
+    model, classes = pretrained.build_pretrained(name, cfg.weights, cfg.kwargs, where)
+    if classes != num_classes:
+        if cfg.head != "reset":
+            hint = "" if where == "teacher" else f"; {where}.head=reset replaces its classifier"
+            raise UserError(f"{where}.weights: {cfg.weights} predicts {classes} classes but the data has "
+                            f"{num_classes}{hint}")
+        pretrained.reset_head(model, classes, num_classes, where)
+    if in_channels != 3:
+        pretrained.adapt_stem(model, in_channels, where)
     return model
 
 
