@@ -139,6 +139,15 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the student (fitdist/ema.py), evaluated and exported beside it."""
+
+    decay: float = 0.9998  # ema ← decay·ema + (1 − decay)·student
+    every: int = 1  # optimizer steps between updates
+    warmup: bool = True  # decay ramps as min(decay, (1 + n)/(10 + n)) after n updates (timm's ModelEmaV3)
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 128  # global batch per optimizer step (all ranks, all micro-steps)
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -155,6 +164,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
+    ema: EmaConfig | None = None  # student EMA (None: off); exported as student_ema.pt
 
 
 @dataclass
@@ -425,6 +435,9 @@ def validate(cfg: Config) -> Config:
         raise UserError("train.batch_size and train.grad_accum must be > 0")
     if cfg.loss.temperature <= 0:
         raise UserError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    ema = cfg.train.ema
+    if ema is not None and not (0.0 <= ema.decay < 1.0 and ema.every >= 1):
+        raise UserError(f"train.ema: decay must be in [0, 1) and every >= 1, got decay {ema.decay}, every {ema.every}")
     if cfg.loss.impl == "triton" and cfg.deterministic and cfg.hints:
         raise UserError("loss.impl: 'triton' sums the hint gradients with atomics, in no fixed order; "
                         "deterministic: true needs loss.impl auto or fused")

@@ -22,6 +22,7 @@ from fitdist.checkpoint import (list_checkpoints, load_checkpoint, load_checkpoi
 from fitdist.compile import compile_models
 from fitdist.config import Config, StageConfig, dump_config, to_dict
 from fitdist.data import build_data
+from fitdist.ema import StudentEMA
 from fitdist.errors import UserError
 from fitdist.evaluate import evaluate
 from fitdist.logger import build_logger
@@ -83,6 +84,13 @@ class _Run:
         self.student = build_student(cfg, self.data, self.teacher)
         place(cfg, self.student, self.teacher, env.device)
         self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
+        self.ema = None
+        if cfg.train.ema is not None:
+            if getattr(self.strategy, "zero_stage", 0) == 3:
+                raise UserError("train.ema: not available under DeepSpeed ZeRO-3 yet (its weights are "
+                                "partitioned); use ZeRO 0-2 or DDP")
+            e = cfg.train.ema
+            self.ema = StudentEMA(self.student.backbone, e.decay, e.every, e.warmup)
 
         self.pos, self.saved, self.evaluated = Position(), None, (None, {})
         self.resumed_state = self._resume_state(resume or cfg.run.resume == "auto", strict=resume)
@@ -131,6 +139,8 @@ class _Run:
                 "(NPROC, nodes), or start a new run directory"))
         self.pos = Position(**state["position"])
         self.student.load_state_dict(state["student"])
+        if self.ema is not None:  # train.ema is part of the config a resume must keep: it was saved
+            self.ema.load_state_dict(state["ema"])
         self.saved = self.pos.global_step
         return state
 
@@ -174,6 +184,8 @@ class _Run:
             train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device)
             pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
             pos.microbatch += cfg.train.grad_accum
+            if self.ema is not None:  # device ops only: no sync, no collective
+                self.ema.maybe_update(pos.global_step)
             self._every_step(stage, window, prepared)
             if self.guard.requested(pos.global_step):  # preemption: the step is done, save it and leave
                 if self.saved != pos.global_step:
@@ -223,6 +235,10 @@ class _Run:
             with self.strategy.gathered(self.student) as student:  # every rank: ZeRO-3 all-gathers
                 metrics = evaluate(student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision,
                                    self.data.to_device)
+            if self.ema is not None:
+                ema = evaluate(self.ema.module, self.data.val_batches(), self.env.device, self.cfg.train.precision,
+                               self.data.to_device)
+                metrics.update({k.replace("val/", "val_ema/"): v for k, v in ema.items()})
             self.evaluated = (self.pos.global_step, metrics)
         return self.evaluated[1]
 
@@ -247,6 +263,7 @@ class _Run:
                     "world": self.env.world,
                     "wandb_id": self.logger.run_id,
                     "config": to_dict(self.cfg),
+                    **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 }
                 save_checkpoint(self.run_dir, pos.global_step, student.backbone.state_dict(), state,
                                 self.cfg.run.keep_checkpoints)
@@ -262,6 +279,8 @@ class _Run:
                    "wall_time_s": wall, "student": self.cfg.student.name}
         if self.env.is_main:
             save_file(self.student.backbone.state_dict(), self.run_dir / "student.pt")
+            if self.ema is not None:
+                save_file(self.ema.module.state_dict(), self.run_dir / "student_ema.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             self.logger.print(f"final: top1 {metrics['val/top1']:.2f}%  top5 {metrics['val/top5']:.2f}%  "
                               f"({wall:.0f} s) -> {self.run_dir / 'student.pt'}")

@@ -1,0 +1,95 @@
+"""Student EMA: the closed form on random weights, exact resume, `student_ema.pt`, evaluation
+beside the student, and a quiet step that still makes no host sync with the EMA and a teacher
+that re-normalises its input on."""
+
+import shutil
+
+import torch
+from conftest import STUDENT, TEACHER, write_config
+from test_step_syncs import STEPS, quiet_steps, run
+
+from fitdist.config import ModelConfig, load_config
+from fitdist.ema import StudentEMA
+from fitdist.models import build_model
+from fitdist.trainer import train
+
+
+def test_updates_follow_the_closed_form_with_warmup_and_every():
+    torch.manual_seed(int(torch.randint(0, 1 << 30, ())))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+    ema = StudentEMA(model, decay=0.9, every=2, warmup=True)
+    want = {k: v.double().clone() for k, v in model.state_dict().items()}
+    n = 0
+    for step in range(1, 12):
+        with torch.no_grad():  # a "training step": every float weight and buffer moves
+            for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+                t.add_(torch.randn_like(t))
+            model[1].num_batches_tracked += 1
+        ema.maybe_update(step)
+        if step % 2 == 0:
+            d = min(0.9, (1 + n) / (10 + n))
+            n += 1
+            for k, v in model.state_dict().items():
+                want[k] = d * want[k] + (1 - d) * v.double() if v.is_floating_point() else v.double()
+    assert ema.updates == n == 5
+    got = ema.module.state_dict()
+    for k, v in want.items():
+        assert got[k].dtype == model.state_dict()[k].dtype
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-6)  # float32 lerp vs float64
+    assert got["1.num_batches_tracked"].item() == 11
+
+
+def ema_config(tmp_path, name="ema"):
+    return write_config(tmp_path / f"{name}.yaml", stages=[{"name": "a", "steps": 10}, {"name": "b", "steps": 8}],
+                        train={"batch_size": 32, "log_every": 5, "eval_batch_size": 1000, "threads": 1,
+                               "ema": {"decay": 0.9, "every": 2}})
+
+
+def test_resume_reproduces_the_ema_exactly_and_it_is_exported_and_evaluated(tmp_path):
+    overrides = ["deterministic=true", "train.checkpoint_every=5", "run.keep_checkpoints=10"]
+    path = ema_config(tmp_path)
+    cfg = load_config(path, overrides)
+    summary = train(cfg)
+    assert 0 <= summary["val_ema/top1"] <= 100 and summary["val_ema/n"] == 10000
+    assert summary["val_ema/top1"] != summary["val/top1"] or summary["val_ema/loss"] != summary["val/loss"]
+    full = (cfg.run_dir / "student_ema.pt").read_bytes()
+    state = torch.load(cfg.run_dir / "student_ema.pt", weights_only=True)
+    model = build_model(ModelConfig(**STUDENT), 10, 1)
+    model.load_state_dict(state)  # a plain state_dict of the backbone
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    ckpt = torch.load(cfg.run_dir / "checkpoints" / "step-00000005" / "trainer.pt", weights_only=True)
+    assert ckpt["ema"]["updates"] == 2
+    for ckpt in sorted((cfg.run_dir / "checkpoints").iterdir()):  # "kill" the run after step 13
+        if int(ckpt.name.split("-")[1]) > 13:
+            shutil.rmtree(ckpt)
+    (cfg.run_dir / "student_ema.pt").unlink()
+    train(load_config(path, overrides), resume=True)
+    assert (cfg.run_dir / "student_ema.pt").read_bytes() == full
+
+
+def test_a_quiet_kd_step_with_ema_and_a_renormalising_teacher_makes_no_host_sync(tmp_path, trained_teacher):
+    teacher = {**TEACHER, "weights": str(trained_teacher), "input": {"mean": [0.5], "std": [0.25], "size": 32}}
+    config = write_config(
+        tmp_path / "kd.yaml", teacher=teacher, stages=[{"name": "kd", "steps": STEPS, "kd": 1.0}],
+        data={"source": "fashion-mnist", "train_subset": 512},
+        train={"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0, "threads": 1,
+               "eval_batch_size": 1000, "ema": {"decay": 0.99}})
+    events = run(tmp_path, config, nproc=1)[0]
+    assert quiet_steps(events, STEPS) == {s: [] for s in range(1, STEPS)}
+
+
+def test_under_ddp_the_ema_adds_no_collective_and_is_exported(tmp_path):
+    every = 3
+    config = write_config(tmp_path / "ddp.yaml", stages=[{"name": "train", "steps": STEPS}],
+                          data={"source": "fashion-mnist", "train_subset": 512}, strategy={"kind": "ddp"},
+                          run={"dir": str(tmp_path / "ddp"), "preempt_check_every": every},
+                          train={"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0,
+                                 "threads": 1, "eval_batch_size": 1000, "ema": {"decay": 0.9}})
+    for events in run(tmp_path, config, nproc=2).values():
+        expected = {s: [["collective", "all_reduce"], ["read", "item"]] if s % every == 0 else []
+                    for s in range(1, STEPS)}  # the preemption agreement alone, as without the EMA
+        assert quiet_steps(events, STEPS) == expected
+    ema = torch.load(tmp_path / "ddp" / "student_ema.pt", weights_only=True)
+    student = torch.load(tmp_path / "ddp" / "student.pt", weights_only=True)
+    assert ema.keys() == student.keys() and any(not torch.equal(ema[k], student[k]) for k in ema)
