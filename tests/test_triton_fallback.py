@@ -23,6 +23,10 @@ def auto_picks_triton(monkeypatch):
     real = kernels.select_impl
     monkeypatch.setattr(kernels, "select_impl", lambda impl, device: "triton" if impl == "auto" else real(impl, device))
     monkeypatch.setattr(kernels, "_TRITON_WORKS", {})  # a fresh process's first use
+    before = torch.are_deterministic_algorithms_enabled()  # an in-process run may have left it on
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before)
 
 
 def hint_case():
