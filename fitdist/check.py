@@ -62,7 +62,7 @@ def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.
     from fitdist.models import build_model
 
     kind, sep, name = model_cfg.name.partition(":")
-    if sep and name and kind not in ("fitdist", "torchvision"):
+    if sep and name and kind not in ("fitdist", "torchvision", "timm"):
         try:  # a user factory: importable is all we can say without running its constructor
             getattr(importlib.import_module(kind), name)
         except (ImportError, AttributeError) as e:
@@ -86,12 +86,18 @@ def file_checks(cfg: Config) -> None:
         if not cfg.teacher.weights:
             raise UserError("teacher.weights: a teacher needs trained weights: a file (a run's student.pt) "
                             "or torchvision pretrained weights by name (torchvision:DEFAULT)")
-        if pretrained.is_named(cfg.teacher.weights):  # the name must resolve; the file may yet be fetched
+        named = pretrained.named_kind(cfg.teacher.weights)
+        if named is not None:  # the name must resolve; the file may yet be fetched
             kind, _, name = cfg.teacher.name.partition(":")
-            if kind != "torchvision":
-                raise UserError(f"teacher.weights: {cfg.teacher.weights} names torchvision weights but "
+            if kind != named:
+                raise UserError(f"teacher.weights: {cfg.teacher.weights} names {named} weights but "
                                 f"teacher.name is {cfg.teacher.name}")
-            pretrained.resolve(name, cfg.teacher.weights, "teacher")
+            if named == "timm":
+                from fitdist.timm_models import pretrained_cfg
+
+                pretrained_cfg(name, cfg.teacher.weights, "teacher")
+            else:
+                pretrained.resolve(name, cfg.teacher.weights, "teacher")
         elif not Path(cfg.teacher.weights).is_file():
             raise UserError(f"teacher.weights: file not found: {cfg.teacher.weights}")
     ds = cfg.strategy.deepspeed_config

@@ -96,13 +96,17 @@ def weights_found(model_cfg, where: str) -> bool:
     if pretrained.is_named(weights):
         entry = pretrained.resolve(model_cfg.name.partition(":")[2], weights, where)
         return pretrained.cache_path(entry.url).is_file()
+    if pretrained.named_kind(weights) == "timm":
+        from fitdist.timm_models import weights_cached
+
+        return weights_cached(model_cfg.name.partition(":")[2], weights, model_cfg.kwargs, where)
     return bool(weights) and Path(weights).is_file()
 
 
 def dry_student(cfg: Config) -> tuple[Config, str | None]:
     """`cfg` with the student's named weights dropped when they are not in the cache yet."""
     weights = cfg.student.weights
-    if not pretrained.is_named(weights) or weights_found(cfg.student, "student"):
+    if pretrained.named_kind(weights) is None or weights_found(cfg.student, "student"):
         return cfg, (f"loaded {weights}" if weights else None)
     student = dataclasses.replace(cfg.student, weights=None, head="keep")
     return dataclasses.replace(cfg, student=student), f"random ({weights} not in the cache yet)"

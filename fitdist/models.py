@@ -1,9 +1,11 @@
-"""Model construction from a name: `torchvision:<name>`, `fitdist:<zoo name>` or `pkg.module:factory`.
+"""Model construction from a name: `torchvision:<name>`, `timm:<name>`, `fitdist:<zoo name>` or
+`pkg.module:factory`.
 
 Every model is built with the data's number of classes and input channels; torchvision models
 get their stem convolution rebuilt for a different channel count (e.g. 1-channel Fashion-MNIST).
 Weights come from a local file or, for torchvision models, by name through torchvision's weight
-enums and the torch hub cache (fitdist/pretrained.py); every load is `weights_only=True`.
+enums and the torch hub cache (fitdist/pretrained.py), for timm models through timm's pretrained
+configs and the Hugging Face cache (fitdist/timm_models.py); every load is `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str
     """The model named by `cfg`, with its weights file loaded if one is given."""
     kind, sep, name = cfg.name.partition(":")
     if not sep or not name:
-        raise UserError(f"{where}.name: {cfg.name!r} is not of the form torchvision:NAME, fitdist:NAME or pkg.module:factory")
+        raise UserError(f"{where}.name: {cfg.name!r} is not of the form torchvision:NAME, timm:NAME, fitdist:NAME or pkg.module:factory")
     if cfg.head == "reset" and where == "teacher":
         raise UserError("teacher.head: reset would give the teacher an untrained classifier: its logits "
                         "would be meaningless; a teacher's weights must predict the data's classes")
-    if cfg.head != "keep" and not pretrained.is_named(cfg.weights):
+    named = pretrained.named_kind(cfg.weights)
+    if cfg.head != "keep" and named is None:
         raise UserError(f"{where}.head: {cfg.head} applies to pretrained weights by name "
-                        f"(weights: torchvision:<Enum>.<TAG>), not to {cfg.weights or 'no weights'}")
-    if pretrained.is_named(cfg.weights):
-        if kind != "torchvision":
-            raise UserError(f"{where}.weights: {cfg.weights} names torchvision weights but {where}.name is {cfg.name}")
+                        f"(weights: torchvision:<Enum>.<TAG> or timm[:<tag>]), not to {cfg.weights or 'no weights'}")
+    if named is not None and named != kind:
+        raise UserError(f"{where}.weights: {cfg.weights} names {named} weights but {where}.name is {cfg.name}")
+    if named == "torchvision":
         return _torchvision_pretrained(cfg, name, num_classes, in_channels, where)
-    if kind == "torchvision":
+    if kind == "timm":  # the optional extra: timm is imported only here
+        from fitdist.timm_models import build_timm
+
+        model = build_timm(name, cfg.weights if named else None, cfg.head, cfg.kwargs, num_classes, in_channels, where)
+    elif kind == "torchvision":
         model = _torchvision(name, num_classes, in_channels, cfg.kwargs, where)
     elif kind == "fitdist":
         from fitdist.zoo import ZOO
@@ -45,7 +52,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str
         model = _call(ZOO[name], num_classes, in_channels, cfg.kwargs, where)
     else:
         model = _call(_import(kind, name, where), num_classes, in_channels, cfg.kwargs, where)
-    if cfg.weights:
+    if cfg.weights and named is None:
         load_weights(model, cfg.weights, where)
     return model
 

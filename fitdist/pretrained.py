@@ -39,8 +39,17 @@ _AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
 
 
 def is_named(weights: str | None) -> bool:
-    """True for weights given by name rather than as a local file."""
+    """True for torchvision weights given by name rather than as a local file."""
     return bool(weights) and weights.startswith(PREFIX)
+
+
+def named_kind(weights: str | None) -> str | None:
+    """"torchvision" or "timm" for weights given by name (fitdist/timm_models.py), None for a file."""
+    if is_named(weights):
+        return "torchvision"
+    if weights == "timm" or (bool(weights) and weights.startswith("timm:")):
+        return "timm"
+    return None
 
 
 def offline() -> bool:
@@ -149,13 +158,20 @@ def build_pretrained(name: str, weights: str, kwargs: dict, where: str) -> tuple
 
 
 def input_stats(cfg, in_channels: int) -> tuple[list[float], list[float]] | None:
-    """The normalisation the named weights were trained with (torchvision's transforms meta), or
+    """The normalisation the named weights were trained with (torchvision's transforms meta, timm's
+    pretrained config), or
     None for a local file or weights trained on another channel count than the data's."""
-    if not is_named(cfg.weights):
+    kind = named_kind(cfg.weights)
+    if kind is None:
         return None
-    entry = resolve(cfg.name.partition(":")[2], cfg.weights, "teacher")
-    preset = entry.transforms()
-    mean, std = list(getattr(preset, "mean", []) or []), list(getattr(preset, "std", []) or [])
+    if kind == "timm":
+        from fitdist.timm_models import pretrained_cfg
+
+        timm_cfg = pretrained_cfg(cfg.name.partition(":")[2], cfg.weights, "teacher")
+        mean, std = list(timm_cfg.mean or []), list(timm_cfg.std or [])
+    else:
+        preset = resolve(cfg.name.partition(":")[2], cfg.weights, "teacher").transforms()
+        mean, std = list(getattr(preset, "mean", []) or []), list(getattr(preset, "std", []) or [])
     if len(mean) != in_channels or len(std) != in_channels:
         return None  # e.g. RGB weights on grey data: the data's own statistics stand
     return mean, std

@@ -32,7 +32,7 @@ class TeacherInput(nn.Module):
     def __init__(self, student_mean: Sequence[float], student_std: Sequence[float], teacher_mean: Sequence[float],
                  teacher_std: Sequence[float], size: int | None = None, pixels: bool = True):
         super().__init__()
-        view = lambda v: torch.tensor(list(v), dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+        view = lambda v: torch.tensor(list(v), dtype=torch.float32).view(-1, 1, 1)
         for name, v in (("s_mean", student_mean), ("s_std", student_std), ("t_mean", teacher_mean), ("t_std", teacher_std)):
             self.register_buffer(name, view(v), persistent=False)
         # compared as the float32 values the ops use (a DeviceNormalize's 0.485 is float32's 0.485)

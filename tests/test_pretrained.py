@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision
-from conftest import STUDENT, run_cli, write_config
+from conftest import run_cli, write_config
 from test_cli_errors import assert_one_line_error
 
 from fitdist import pretrained
@@ -44,9 +44,9 @@ def fill(name: str, tag: str, seed: int, noise: bool = True) -> dict:
 
 def assert_equal_states(got: dict, want: dict, skip: tuple[str, ...] = ()):
     assert set(got) == set(want)
-    for k in want:
+    for k, v in want.items():
         if not k.startswith(skip):
-            assert torch.equal(got[k], want[k]), k
+            assert torch.equal(got[k], v), k
 
 
 def test_named_weights_load_exactly_from_the_cache(hub):

@@ -63,7 +63,7 @@ def test_there_are_recipes():
     names = {rel(p) for p in RECIPES}
     assert len([n for n in names if n.startswith("configs/cifar10/")]) == 5
     assert len([n for n in names if n.startswith("configs/cifar100/")]) == 20
-    assert len([n for n in names if n.startswith("configs/imagenet/")]) == 4
+    assert len([n for n in names if n.startswith("configs/imagenet/")]) == 6
     assert len(PACKAGED) == 5
 
 
@@ -175,6 +175,19 @@ def test_imagenet(results):
     assert hint["student_shape"][1:] == hint["teacher_shape"][1:] and hint["kernel"] == [1, 1]
     kd = results["configs/imagenet/kd-resnet34-resnet18.yaml"]
     assert kd["data"]["num_classes"] == 1000 and kd["stages"][0]["weights"]["kd"] == 0.5
+
+
+def test_imagenet_timm_teacher(results):
+    """ConvNeXt-T (timm) -> ResNet-18: the hint path is checked by the dry run; its stages.2 and the
+    student's layer3 are both stride 16, so the 1x1 regressor maps 256 to 384 channels at any size."""
+    r = results["configs/imagenet/fitnets-convnext_tiny-resnet18.yaml"]
+    assert r["teacher"]["params"] == 28_589_128 and r["student"]["params"] == 11_689_512
+    assert r["teacher"]["weights"].startswith(("random", "loaded timm:fb_in1k"))  # the dry run downloads nothing
+    (hint,) = r["hints"]
+    assert hint["student_shape"][0] == 256 and hint["teacher_shape"][0] == 384
+    assert hint["student_shape"][1:] == hint["teacher_shape"][1:] and hint["kernel"] == [1, 1]
+    kd = results["configs/imagenet/kd-convnext_tiny-resnet18.yaml"]
+    assert kd["hints"] == [] and kd["teacher"]["name"] == "timm:convnext_tiny"
 
 
 def test_imagenet_hints_are_equal_size_at_224():
