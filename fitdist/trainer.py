@@ -87,8 +87,8 @@ class _Run:
         self.ema = None
         if cfg.train.ema is not None:
             if getattr(self.strategy, "zero_stage", 0) == 3:
-                raise UserError("train.ema: not available under DeepSpeed ZeRO-3 yet (its weights are "
-                                "partitioned); use ZeRO 0-2 or DDP")
+                raise dist.every_rank(UserError("train.ema: not available under DeepSpeed ZeRO-3 yet (its weights "
+                                                "are partitioned); use ZeRO 0-2 or DDP"))
             e = cfg.train.ema
             self.ema = StudentEMA(self.student.backbone, e.decay, e.every, e.warmup)
 

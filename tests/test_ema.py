@@ -93,3 +93,35 @@ def test_under_ddp_the_ema_adds_no_collective_and_is_exported(tmp_path):
     ema = torch.load(tmp_path / "ddp" / "student_ema.pt", weights_only=True)
     student = torch.load(tmp_path / "ddp" / "student.pt", weights_only=True)
     assert ema.keys() == student.keys() and any(not torch.equal(ema[k], student[k]) for k in ema)
+
+
+
+def test_under_deepspeed_zero2_the_ema_is_exported_and_zero3_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_cli_errors import assert_one_line_error
+
+    zero = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+    config = write_config(tmp_path / "ds.yaml", stages=[{"name": "train", "steps": 6}],
+                          data={"source": "fashion-mnist", "train_subset": 512},
+                          strategy={"kind": "deepspeed", "deepspeed_config": str(zero / "zero2.json")},
+                          train={"batch_size": 16, "log_every": 3, "checkpoint_every": 0, "threads": 1,
+                                 "eval_batch_size": 1000, "ema": {"decay": 0.9}})
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fitdist.cli", "train", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "ds"
+    ema = torch.load(run_dir / "student_ema.pt", weights_only=True)
+    student = torch.load(run_dir / "student.pt", weights_only=True)
+    build_model(ModelConfig(**STUDENT), 10, 1).load_state_dict(ema)
+    assert all(v.dtype == torch.float32 for v in ema.values() if v.is_floating_point())
+    assert any(not torch.equal(ema[k], student[k]) for k in ema)
+    zero3 = [sys.executable, "-m", "fitdist.cli", "train", str(config), f"strategy.deepspeed_config={zero / 'zero3.json'}"]
+    assert_one_line_error(subprocess.run(zero3, env=env, capture_output=True, text=True, timeout=600, check=False),
+                          "train.ema: not available under DeepSpeed ZeRO-3")
