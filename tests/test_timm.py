@@ -90,3 +90,46 @@ def test_a_bad_tag_and_an_empty_cache_offline_are_one_line_errors(tmp_path, monk
     assert_one_line_error(run_cli("train", cfg, "teacher.weights=timm:nope"), "timm has no pretrained weights", "r160_in1k")
     assert_one_line_error(run_cli("train", cfg), "teacher.weights: cannot load timm test_resnet",
                           "timm/test_resnet.r160_in1k", str(tmp_path / "hf"))
+
+
+def _build_on_rank(rank: int, store: str, path: str, log: str):
+    """Local rank 0 builds (and would download) first; rank 1 builds only after it."""
+    import os
+    import time
+
+    import torch.distributed as tdist
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kwargs):
+        if pretrained:
+            with open(log, "a") as f:
+                f.write(f"start {rank} {time.monotonic()}\n")
+            if rank == 0:
+                time.sleep(1.0)  # a slow download: rank 1 must not start before it ends
+        model = real(name, pretrained=pretrained, **kwargs)
+        if pretrained:
+            with open(log, "a") as f:
+                f.write(f"end {rank} {time.monotonic()}\n")
+        return model
+
+    timm.create_model = create  # this child process's own copy of timm
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = build_model(ModelConfig("timm:test_resnet", overlay(path), weights="timm"), 1000, 3, where="teacher")
+        with open(log, "a") as f:
+            f.write(f"sum {rank} {sum(p.double().sum().item() for p in model.parameters())}\n")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_local_rank_0_builds_pretrained_first_while_the_others_wait(tmp_path):
+    import torch.multiprocessing as mp
+
+    path, _ = weights_file(tmp_path, "test_resnet")
+    log = tmp_path / "log.txt"
+    mp.spawn(_build_on_rank, args=(str(tmp_path / "store"), path, str(log)), nprocs=2)
+    events = {tuple(line.split()[:2]): float(line.split()[2]) for line in log.read_text().splitlines()}
+    assert events[("start", "1")] > events[("end", "0")]  # rank 1 reads the cache rank 0 filled
+    assert events[("sum", "0")] == events[("sum", "1")]
