@@ -31,7 +31,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str
         raise UserError("teacher.head: reset would give the teacher an untrained classifier: its logits "
                         "would be meaningless; a teacher's weights must predict the data's classes")
     named = pretrained.named_kind(cfg.weights)
-    if cfg.head != "keep" and named is None:
+    # without weights (export and eval rebuild the student so) the classifier is the data's anyway
+    if cfg.head != "keep" and cfg.weights and named is None:
         raise UserError(f"{where}.head: {cfg.head} applies to pretrained weights by name "
                         f"(weights: torchvision:<Enum>.<TAG> or timm[:<tag>]), not to {cfg.weights or 'no weights'}")
     if named is not None and named != kind:

@@ -102,7 +102,9 @@ def test_bad_names_and_a_missing_file_offline(hub):
     with pytest.raises(UserError, match="names torchvision weights but teacher.name is fitdist:fitnet"):
         build_model(ModelConfig("fitdist:fitnet", weights="torchvision:DEFAULT"), 10, 1, where="teacher")
     with pytest.raises(UserError, match="student.head: reset applies to pretrained weights by name"):
-        build_model(ModelConfig("torchvision:resnet18", head="reset"), 10, 3)
+        build_model(ModelConfig("torchvision:resnet18", head="reset", weights="student.pt"), 10, 3)
+    # export and eval rebuild a student without its weights: head: reset is then moot, not an error
+    assert build_model(ModelConfig("torchvision:resnet18", head="reset"), 10, 3).fc.out_features == 10
     entry = pretrained.resolve("resnet34", "torchvision:DEFAULT", "t")
     with pytest.raises(UserError) as err:
         build_model(ModelConfig("torchvision:resnet34", weights="torchvision:DEFAULT"), 1000, 3, where="teacher")
@@ -167,3 +169,21 @@ def test_local_rank_0_downloads_once_while_the_others_wait(tmp_path):
     mp.spawn(_fetch_on_rank, args=(str(tmp_path / "store"), url, str(tmp_path / "torch"), str(log)), nprocs=2)
     lines = sorted(log.read_text().splitlines())
     assert lines == ["download by rank 0", "rank 0 read [0.0, 1.0, 2.0, 3.0, 4.0]", "rank 1 read [0.0, 1.0, 2.0, 3.0, 4.0]"]
+
+
+def test_a_pretrained_student_with_a_reset_head_trains_and_evaluates_from_student_pt(hub, tmp_path):
+    import json
+
+    from fitdist.config import load_config
+    from fitdist.trainer import train
+
+    fill("mobilenet_v3_small", "DEFAULT", seed=7, noise=False)
+    student = {"name": "torchvision:mobilenet_v3_small", "weights": MNV3, "head": "reset"}
+    cfg = load_config(write_config(tmp_path / "s.yaml", student=student, stages=[{"name": "train", "steps": 2}],
+                                   optim={"name": "sgd", "lr": 0.001, "schedule": "constant"},
+                                   train={"batch_size": 8, "log_every": 1, "eval_batch_size": 1000, "threads": 1}))
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["val/n"] == 10000
+    out = run_cli("eval", cfg.run_dir)  # rebuilds the student without its pretrained weights, loads student.pt
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(summary["val/top1"])
