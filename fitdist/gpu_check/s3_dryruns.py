@@ -28,6 +28,8 @@ RECIPES = ("kd-resnet34-resnet18", "fitnets-resnet34-resnet18", "kd-resnet50-mob
            "fitnets-resnet50-mobilenet_v2")
 TINY = ["student.name=fitdist:fitnet", "student.kwargs={widths: [4, 8], pool_after: [1], batch_norm: false}",
         "teacher.name=fitdist:fitnet", "teacher.kwargs={widths: [8, 8], pool_after: [1], batch_norm: false}",
+        # the recipes name torchvision weights, which a fitnet has none of: a file never there (random)
+        "teacher.weights=tiny-teacher-not-trained.pt",
         "data.image_size=16", "train.device=cpu", "train.threads=1"]
 TINY_HINT = ["hints=[{student: conv2, teacher: conv2, relu: true}]"]
 
