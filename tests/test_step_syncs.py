@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import TEACHER, write_config
 
-from conftest import STUDENT, TEACHER, write_config
-
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 # Imported (as a sitecustomize) by every process of a run: records reads and collectives per step.
@@ -80,39 +77,42 @@ def quiet_steps(events: list, steps: int) -> dict[int, list]:
     return {s: [e[1:] for e in events if e[0] == s] for s in range(1, steps)}
 
 
+def quiet_config(path: Path, train: dict | None = None, **sections) -> Path:
+    """A Fashion-MNIST run of STEPS steps that logs, evaluates and checkpoints at its end only."""
+    quiet = {"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0, "threads": 1,
+             "eval_batch_size": 1000}
+    sections.setdefault("stages", [{"name": "train", "steps": STEPS}])
+    return write_config(path, data={"source": "fashion-mnist", "train_subset": 512}, train={**quiet, **(train or {})},
+                        **sections)
+
+
+def preemption_checks_only(every: int) -> dict[int, list]:
+    """What quiet_steps must show under DDP: the agreement on preemption (a CPU all-reduce of the
+    flag) every `every` steps, nothing else."""
+    return {s: [["collective", "all_reduce"], ["read", "item"]] if s % every == 0 else [] for s in range(1, STEPS)}
+
+
 @pytest.mark.parametrize("variant", ["sgd-fp32", "adamw-bf16-accum", "sgd-fp16"])
 def test_a_quiet_step_makes_no_host_sync(tmp_path, variant):
     optim, precision = {"sgd-fp32": ("sgd", "fp32"), "adamw-bf16-accum": ("adamw", "bf16"),
                         "sgd-fp16": ("sgd", "fp16")}[variant]
-    train = {"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0, "threads": 1,
-             "eval_batch_size": 1000, "precision": precision, "grad_accum": 2 if "accum" in variant else 1}
-    config = write_config(tmp_path / "quiet.yaml", stages=[{"name": "train", "steps": STEPS}],
-                          optim={"name": optim, "lr": 0.01, "schedule": "cosine", "max_grad_norm": 1.0},
-                          data={"source": "fashion-mnist", "train_subset": 512}, train=train)
+    config = quiet_config(tmp_path / "quiet.yaml", {"precision": precision, "grad_accum": 2 if "accum" in variant else 1},
+                          optim={"name": optim, "lr": 0.01, "schedule": "cosine", "max_grad_norm": 1.0})
     events = run(tmp_path, config, nproc=1)[0]
     assert quiet_steps(events, STEPS) == {s: [] for s in range(1, STEPS)}
     assert any(e[0] == STEPS for e in events)  # the last step logs: the counter does see reads
 
 
 def test_a_quiet_kd_step_with_a_bf16_teacher_makes_no_host_sync(tmp_path, trained_teacher):
-    config = write_config(
-        tmp_path / "kd.yaml", teacher={**TEACHER, "weights": str(trained_teacher), "precision": "bf16"},
-        stages=[{"name": "kd", "steps": STEPS, "kd": 1.0}],
-        data={"source": "fashion-mnist", "train_subset": 512},
-        train={"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0, "threads": 1,
-               "eval_batch_size": 1000})
+    config = quiet_config(tmp_path / "kd.yaml", teacher={**TEACHER, "weights": str(trained_teacher), "precision": "bf16"},
+                          stages=[{"name": "kd", "steps": STEPS, "kd": 1.0}])
     events = run(tmp_path, config, nproc=1)[0]
     assert quiet_steps(events, STEPS) == {s: [] for s in range(1, STEPS)}
 
 
 def test_ddp_ranks_agree_on_preemption_every_k_steps_and_otherwise_stay_silent(tmp_path):
     every = 3
-    config = write_config(tmp_path / "ddp.yaml", stages=[{"name": "train", "steps": STEPS}],
-                          data={"source": "fashion-mnist", "train_subset": 512}, strategy={"kind": "ddp"},
-                          run={"dir": str(tmp_path / "ddp"), "preempt_check_every": every},
-                          train={"batch_size": 16, "log_every": 1000, "eval_every": 0, "checkpoint_every": 0,
-                                 "threads": 1, "eval_batch_size": 1000})
+    config = quiet_config(tmp_path / "ddp.yaml", strategy={"kind": "ddp"},
+                          run={"dir": str(tmp_path / "ddp"), "preempt_check_every": every})
     for events in run(tmp_path, config, nproc=2).values():
-        expected = {s: [["collective", "all_reduce"], ["read", "item"]] if s % every == 0 else []
-                    for s in range(1, STEPS)}  # the agreement: a CPU all-reduce of the flag
-        assert quiet_steps(events, STEPS) == expected
+        assert quiet_steps(events, STEPS) == preemption_checks_only(every)
