@@ -1,4 +1,4 @@
-"""The `fitdist` command: train, check, eval, quickstart, export, shard, bench, report (thin: parse,
+"""The `fitdist` command: train, check, eval, quickstart, export, shard, label, bench, report (thin: parse,
 call, exit codes).
 
 Bad input of any kind (`UserError`) is reported as one line on stderr with exit status 2. Under
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output file (default: <run>/student.<ts|pt2|onnx>)")
     x.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     sub.add_parser("shard", help="write WebDataset shards (see `fitdist shard --help`)", add_help=False)
+    sub.add_parser("label", help="store the teacher's soft labels of augmented views (see `fitdist label --help`)",
+                   add_help=False)
     sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}", add_help=False)
     sub.add_parser("report", help="plots and a results table from runs' metrics.jsonl", add_help=False)
     return p
@@ -113,6 +115,8 @@ def _dispatch(argv: list[str]) -> int:
     # shard and bench take their own arguments
     if argv[:1] == ["shard"]:
         return importlib.import_module("fitdist.data.shard_cli").main(argv[1:])
+    if argv[:1] == ["label"]:
+        return importlib.import_module("fitdist.data.label_writer").main(argv[1:])
     if argv[:1] == ["report"]:
         return importlib.import_module("fitdist.report").main(argv[1:])
     if argv[:1] == ["bench"]:

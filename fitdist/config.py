@@ -47,7 +47,8 @@ class TeacherInputConfig:
     # per-channel statistics (None: those of the named pretrained weights, else the data's own)
     mean: list[float] | None = None
     std: list[float] | None = None
-    size: int | None = None  # square input side in pixels (None: the data's image size, no resize)
+    # square input side in pixels (None: the named pretrained weights' own, else the data's image size)
+    size: int | None = None
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TeacherConfig(ModelConfig):
     precision: Literal[PRECISIONS] = "fp32"  # the teacher's own forward precision
     channels_last: bool = False  # run the teacher in channels_last memory format
     input: TeacherInputConfig = field(default_factory=TeacherInputConfig)  # see fitdist/teacher_input.py
+    # the handle hints' `from` names (None: the model name after its last ':' or '.', e.g. resnet50)
+    id: str | None = None
+    weight: float = 1.0  # this teacher's share of an ensemble's target (> 0; normalised to sum 1)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class HintConfig:
     # when the teacher's hint is post-ReLU (fitdist:fitnet `convN`, ResNet `layerN`), false when it
     # can be negative (a pre-activation such as a WRN block's residual sum, a maxout output)
     relu: bool = False
+    # the teacher the hint layer is in: its id or index in `teachers` (YAML key `from`; None: the first)
+    from_: str | int | None = field(default=None, metadata={"key": "from"})
 
 
 @dataclass
@@ -77,6 +83,9 @@ class LossConfig:
     # with which the paper's λ 4→1 was chosen (the two differ by T², i.e. 9× at τ = 3)
     kd_t2: bool = True
     impl: Literal[IMPLS] = "auto"  # see fitdist/kernels (auto: fused)
+    # several teachers' KD target (fitdist/ensemble.py): mean_probs: Σ wᵢ·softmax(tᵢ/T) (Hinton);
+    # mean_logits: softmax(Σ wᵢ·tᵢ/T), a geometric mean of the probabilities; sample: one teacher per micro-step
+    ensemble: Literal["mean_probs", "mean_logits", "sample"] = "mean_probs"
 
 
 @dataclass
@@ -96,6 +105,9 @@ class OptimConfig:
     min_lr: float = 0.0  # cosine floor
     scale_lr: Literal["none", "linear"] = "none"  # linear: lr × world size
     max_grad_norm: float = 0.0  # clip the gradient norm (0 = off)
+    # clip each output unit's incoming-weight L2 norm (Conv/Linear weights) to this after every step,
+    # as pylearn2's maxout/FitNets training did (0 or null = off; see fitdist/max_norm.py)
+    max_norm: float | None = 0.0
 
 
 @dataclass
@@ -136,6 +148,8 @@ class DataConfig:
     # webdataset: seconds a pipe:/http(s) shard may send nothing before the run fails naming it
     read_timeout: float = 300.0  # (0: wait forever)
     train_subset: int = 0  # use only the first N training samples (0 = all)
+    # webdataset: directory of stored teacher soft labels (`fitdist label`); KD reads them, no teacher forward
+    soft_labels: str | None = None
 
 
 @dataclass
@@ -165,6 +179,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     max_skipped_steps: int = 20  # stop after this many consecutive non-finite steps
     ema: EmaConfig | None = None  # student EMA (None: off); exported as student_ema.pt
+    # per-layer activation RMS and dead-unit fraction of the student in each log row (diag/<layer>/rms,
+    # /dead), measured on the log step's micro-batch only: true (the guided layer and 3 above it), or layer paths
+    diagnostics: bool | list[str] = False
 
 
 @dataclass
@@ -203,7 +220,8 @@ class Config:
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms and data order
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig | None = None  # None: train on labels alone
+    teacher: TeacherConfig | None = None  # None: train on labels alone (the same as teachers: [it])
+    teachers: list[TeacherConfig] = field(default_factory=list)  # an ensemble (loss.ensemble); teacher is the first
     hints: list[HintConfig] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(steps=1000)])
@@ -276,16 +294,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _key(f: dataclasses.Field) -> str:
+    """A field's key as users write it (`from` for the field `from_`, a Python keyword)."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {_key(f): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+        if k not in fields:
+            valid = [f"{prefix}.{n}" if prefix else n for n in fields]
             raise UserError(f"unknown config key {key!r}{did_you_mean(key, valid)}")
-        kwargs[k] = _convert(v, hints[k], key)
+        kwargs[fields[k]] = _convert(v, hints[fields[k]], key)
     return cls(**kwargs)
 
 
@@ -313,7 +336,7 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
                 return
             node, tp = node[idx], typing.get_args(tp)[0]
             continue
-        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else None
+        fields = {_key(f): f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else None
         if fields is None:  # free-form dict such as model kwargs
             if last:
                 node[part] = value
@@ -324,7 +347,7 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
             prefix = ".".join(parts[:i])
             valid = [f"{prefix}.{n}" if prefix else n for n in fields]
             raise UserError(f"unknown config key {key!r}{did_you_mean(key, valid)}")
-        ftype = typing.get_type_hints(tp)[part]
+        ftype = typing.get_type_hints(tp)[fields[part].name]
         if last:
             node[part] = value
             return
@@ -350,7 +373,7 @@ def _plain_default(f: dataclasses.Field) -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain YAML-able data from a config (dataclasses become dicts)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -393,6 +416,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for text in overrides:
         _set_dotted(data, Config, *parse_override(text))
         _build(Config, data)
+    if data.get("teacher") is not None and data.get("teachers"):
+        raise UserError("teacher and teachers: give one of them (a single teacher: X is teachers: [X])")
     return validate(_build(Config, _merge_stage_optims(data)))
 
 
@@ -407,6 +432,7 @@ def _merge_stage_optims(data: dict) -> dict:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
+    _validate_teachers(cfg)
     if not cfg.stages:
         raise UserError("stages: the stage list is empty")
     for i, st in enumerate(cfg.stages):
@@ -435,6 +461,9 @@ def validate(cfg: Config) -> Config:
         raise UserError("train.batch_size and train.grad_accum must be > 0")
     if cfg.loss.temperature <= 0:
         raise UserError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    for where, optim in [("optim", cfg.optim)] + [(f"stages.{i}.optim", s.optim) for i, s in enumerate(cfg.stages)]:
+        if optim is not None and optim.max_norm is not None and not optim.max_norm >= 0:
+            raise UserError(f"{where}.max_norm: must be >= 0 (0 or null = off), got {optim.max_norm}")
     ema = cfg.train.ema
     if ema is not None and not (0.0 <= ema.decay < 1.0 and ema.every >= 1):
         raise UserError(f"train.ema: decay must be in [0, 1) and every >= 1, got decay {ema.decay}, every {ema.every}")
@@ -444,9 +473,63 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_teachers(cfg: Config) -> None:
+    """`teacher` and `teachers` made one list (`teachers`, `teacher` its first: the same objects),
+    ids unique, weights positive, and each hint's `from` naming one of them."""
+    if cfg.teacher is not None and not cfg.teachers:
+        cfg.teachers = [cfg.teacher]
+    elif cfg.teachers:
+        cfg.teacher = cfg.teachers[0]
+    ids = teacher_ids(cfg)
+    for i, (t, tid) in enumerate(zip(cfg.teachers, ids)):
+        key = teacher_key(cfg, i)
+        if not t.weight > 0:
+            raise UserError(f"{key}.weight: must be > 0, got {t.weight}")
+        if tid in ids[:i]:
+            raise UserError(f"teachers.{ids.index(tid)} and teachers.{i} both have the id {tid!r}: "
+                            "give each an `id` of its own")
+    for i in range(len(cfg.hints)):
+        hint_teacher(cfg, i)
+
+
+def teacher_key(cfg: Config, i: int) -> str:
+    """The config key of teacher `i` in errors: `teacher` alone, `teachers.i` in an ensemble."""
+    return "teacher" if len(cfg.teachers) <= 1 else f"teachers.{i}"
+
+
+def teacher_list(cfg: Config) -> list[TeacherConfig]:
+    """Every teacher of `cfg` (`teachers`, or `[teacher]` for a config not yet validated)."""
+    return cfg.teachers or ([cfg.teacher] if cfg.teacher is not None else [])
+
+
+def teacher_ids(cfg: Config) -> list[str]:
+    """Each teacher's handle: its `id`, else its model name after the last ':' or '.'."""
+    return [t.id or re.split(r"[:.]", t.name)[-1] for t in teacher_list(cfg)]
+
+
+def hint_teacher(cfg: Config, i: int) -> int:
+    """The index in `teachers` of the teacher hint `i` reads (its `from`: an id or an index)."""
+    src, ids = cfg.hints[i].from_, teacher_ids(cfg)
+    if src is None:
+        return 0
+    if isinstance(src, int):
+        if not 0 <= src < len(ids):
+            raise UserError(f"hints.{i}.from: no teacher {src}; there are {len(ids)} (0 to {len(ids) - 1})")
+        return src
+    if src not in ids:
+        raise UserError(f"hints.{i}.from: no teacher {src!r}; the teachers are {', '.join(ids) or 'none'}")
+    return ids.index(src)
+
+
 def nonzero_weight(w: Weight) -> bool:
     return any(v != 0 for v in w) if isinstance(w, list) else w != 0
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as YAML, its teachers in one of the two forms (`teacher` for one, else `teachers`)."""
+    data = to_dict(cfg)
+    if len(cfg.teachers) > 1:
+        data["teacher"] = None
+    else:
+        data["teachers"] = []
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -17,7 +17,8 @@ from fitdist.config import DataConfig
 from fitdist.data.normalize import DeviceNormalize, move_images
 from fitdist.errors import UserError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (images, labels), and with `data.soft_labels` training batches add (top-k indices, top-k probabilities)
+Batch = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -34,12 +35,15 @@ class DataBundle:
     # (batch images, device) -> float images on the device, normalised; the real sources send
     # uint8 and normalise there (DeviceNormalize), synthetic float data is only moved
     to_device: Callable[[torch.Tensor, torch.device], torch.Tensor] = move_images
+    soft_labels: dict | None = None  # the manifest of `data.soft_labels` (train batches then carry top-k)
 
 
 def build_data(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
     """The bundle for `cfg`; `micro_batch` and `eval_batch` are per rank."""
     if cfg.source == "fashion-mnist":
         return _fashion_mnist(cfg, micro_batch, eval_batch, seed, rank, world)
+    if cfg.soft_labels and cfg.source != "webdataset":
+        raise UserError(f"data.soft_labels: stored soft labels need data.source: webdataset, not {cfg.source!r}")
     if cfg.source == "webdataset":
         from fitdist.data.wds import build_webdataset
 

@@ -39,6 +39,7 @@ from webdataset.tariterators import base_plus_ext
 
 from fitdist.data.manifest import shard_name
 from fitdist.data.pipes import Stalled, TimedPipe, open_shard
+from fitdist.data.soft_labels import SoftSpec, attach, pick_view
 from fitdist.data.transforms import IMAGE_EXTS, decode
 
 
@@ -89,6 +90,7 @@ class StreamSpec:
     read_timeout: float = 0.0  # seconds without data from a pipe:/http(s) source (0: no limit)
     expected: dict[str, int] = field(default_factory=dict)  # url -> manifest sample count
     limits: dict[str, int] = field(default_factory=dict)  # url -> read only this many samples
+    soft: SoftSpec | None = None  # training: stored soft labels joined by key (fitdist.data.soft_labels)
 
 
 def read_shard(
@@ -186,7 +188,8 @@ def _interleaved(shards: list[Iterator[dict]], k: int, rng: random.Random) -> It
 
 
 class ShardStream(IterableDataset):
-    """Batches `(images, labels, Report)` of one rank; each DataLoader worker takes its own part."""
+    """Batches `(images, labels[, top-k indices, top-k probabilities], Report)` of one rank; each
+    DataLoader worker takes its own part."""
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -207,7 +210,8 @@ class ShardStream(IterableDataset):
         s = self.spec
 
         def shard(url: str) -> Iterator[dict]:
-            return read_shard(url, s.expected.get(url), s.limits.get(url), stats, s.read_timeout)
+            samples = read_shard(url, s.expected.get(url), s.limits.get(url), stats, s.read_timeout)
+            return attach(samples, shard_name(url), s.soft, stats.skip) if s.soft and s.train else samples
 
         if not s.train:  # one pass over this worker's share: every sample exactly once
             for url in s.urls[worker::workers]:
@@ -226,7 +230,7 @@ class ShardStream(IterableDataset):
                     f"(first: {order[0]}); see the skipped-sample warnings"
                 )
 
-    def _example(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _example(self, sample: dict, view_rng: random.Random) -> tuple:
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None:
             raise ValueError("no image in the sample")
@@ -235,7 +239,13 @@ class ShardStream(IterableDataset):
         label = int(sample["cls"])
         if not 0 <= label < self.spec.num_classes:
             raise ValueError(f"label {label} outside 0..{self.spec.num_classes - 1}")
-        return self.spec.transform(decode(image, self.spec.channels)), label
+        image = decode(image, self.spec.channels)
+        if "__soft__" not in sample:
+            return self.spec.transform(image), label
+        # the stored view: one of R, seeded like the stream (reproducible, fresh after a resume)
+        params, idx, prob = pick_view(sample["__soft__"], view_rng.randrange(self.spec.soft.views))
+        t = self.spec.transform
+        return t.replay(t.prepare(image), params), label, idx, prob
 
     def samples(self, worker: int = 0, workers: int = 1, stats: _Stats | None = None):
         """Undecoded samples in the order worker `worker` of `workers` batches them (training:
@@ -252,15 +262,16 @@ class ShardStream(IterableDataset):
         """Batches assembled in the worker; default_collate stacks them (uint8) straight into
         shared memory there, which saves a copy of every batch on its way to the main process."""
         s = self.spec
-        examples: list[tuple[torch.Tensor, int]] = []
+        examples: list[tuple] = []
+        view_rng = random.Random("fitdist-view:{}:{}:{}:{}".format(*s.seed, worker))
         for sample in self.samples(worker, workers, stats):
             try:
-                x, y = self._example(sample)
+                example = self._example(sample, view_rng)
             except Exception as e:  # noqa: BLE001 - a bad sample is skipped, counted and reported
                 where = f"{shard_name(sample['__url__'])}: {sample['__key__']}"
                 stats.skip(1, where, f"{type(e).__name__}: {e}")
                 continue
-            examples.append((x, y))
+            examples.append(example)
             if len(examples) == s.batch:
                 yield *default_collate(examples), stats.take()
                 examples = []

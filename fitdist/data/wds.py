@@ -18,6 +18,8 @@
 - Batches hold uint8 images; `DataBundle.to_device` normalises them on the device.
 - A `pipe:`/http(s) shard that sends nothing for `data.read_timeout` seconds ends the run with a
   UserError naming it (fitdist.data.pipes).
+- `data.soft_labels: DIR`: stored teacher soft labels joined by key, one stored view replayed per
+  sample, its top-k travelling with the batch (fitdist.data.soft_labels).
 - `metrics()` gives `data/skipped`: samples this rank skipped (train and validation), counted in
   the batches the workers send, each bad sample logged once with its shard and key.
 """
@@ -186,10 +188,17 @@ def _warn_source_order(manifest: dict, where: str) -> None:
 
 
 def _drain(loader: DataLoader, counter: SkipCounter) -> Iterator[Batch]:
-    for images, labels, report in loader:
+    for *batch, report in loader:  # (images, labels[, top-k indices, top-k probabilities]), report
         counter.absorb(report)
-        if len(labels):
-            yield images, labels
+        if len(batch[1]):
+            yield tuple(batch)
+
+
+def train_transform(cfg: DataConfig, manifest: dict):
+    """The training `ViewTransform` of shards described by `manifest` (`fitdist label` draws with it)."""
+    native = manifest["image"].get("size")  # [width, height] when every image has it
+    augment = AUTO_AUGMENT.get(manifest.get("dataset", ""), "none") if cfg.augment == "auto" else cfg.augment
+    return build_transform(augment, True, cfg.image_size or (None if native else 224), native)
 
 
 def build_webdataset(
@@ -232,10 +241,17 @@ def build_webdataset(
     out_hw = (size, size) if size else (native[1], native[0])
     if augment == "imagenet":
         out_hw = (size or 224, size or 224)
+    train_view = train_transform(cfg, manifest)
 
     # only URLs and counts outlive this function: main-process memory stays tiny at any scale
     table, val_table = shard_table(manifest), shard_table(val_manifest)
     train_counts = [table[shard_name(u)]["count"] for u in train_urls]
+    soft, soft_manifest = None, None
+    if cfg.soft_labels:  # checked against the shards here: a mismatch names the file before any step
+        from fitdist.data.soft_labels import open_soft_labels
+
+        soft, soft_manifest = open_soft_labels(cfg.soft_labels, train_urls, table, train_view.spec(),
+                                               cfg.num_classes or num_classes)
     val_counts = [val_table[shard_name(u)]["count"] for u in val_urls]
     class_names, num_val = list(manifest["classes"]), sum(val_counts)
     del table, val_table, manifest, val_manifest, manifests
@@ -256,7 +272,8 @@ def build_webdataset(
             batch=micro_batch,
             train=True,
             seed=(seed, rank, start),
-            transform=build_transform(augment, True, size, native),
+            transform=train_view,
+            soft=soft,
             shuffle_buffer=cfg.shuffle_buffer,
             shard_mix=cfg.shard_mix,
             limits=limits,
@@ -299,4 +316,5 @@ def build_webdataset(
         metrics=counter.metrics,
         num_train=num_train,
         to_device=DeviceNormalize(mean, std),
+        soft_labels=soft_manifest,
     )
