@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from fitdist import dist
-from fitdist.build import build_student, build_teacher, place, probe_input
+from fitdist.build import build_student, build_teachers, place, probe_input
 from fitdist.checkpoint import (list_checkpoints, load_checkpoint, load_checkpoint_at, rng_state, save_checkpoint,
                                 save_file, set_rng_state)
 from fitdist.compile import compile_models
 from fitdist.config import Config, StageConfig, dump_config, to_dict
 from fitdist.data import build_data
+from fitdist.data.soft_labels import check_run, stored_only
+from fitdist.diagnostics import Diagnostics, watched_layers
 from fitdist.ema import StudentEMA
 from fitdist.errors import UserError
 from fitdist.evaluate import evaluate
@@ -35,7 +37,7 @@ from fitdist.window import Window
 # Keys that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("run.", "wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.threads", "train.device", "train.compile", "data.num_workers", "data.root",
-                     "data.download")
+                     "data.download", "train.diagnostics")
 
 
 @dataclass
@@ -79,10 +81,15 @@ class _Run:
         self.micro_batch = per_step // env.world
         self.data = build_data(cfg.data, self.micro_batch, cfg.train.eval_batch_size, cfg.seed, env.rank, env.world)
         self.stages = resolve_steps(cfg, self.data.num_train)  # stages in epochs, in steps
-        self.teacher = build_teacher(cfg, self.data)
+        if self.data.soft_labels is not None:  # stored labels: their temperature and teacher are the run's
+            check_run(cfg, self.data.soft_labels)
+        # an Ensemble (of one for `teacher:`); none at all when stored labels serve every stage (no hints)
+        self.teacher = None if stored_only(cfg) else build_teachers(cfg, self.data, env.rank)
         torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed alone
         self.student = build_student(cfg, self.data, self.teacher)
         place(cfg, self.student, self.teacher, env.device)
+        watched = watched_layers(self.student.backbone, cfg.train.diagnostics, cfg.hints[0].student if cfg.hints else None)
+        self.diagnostics = Diagnostics(self.student.backbone, watched) if watched else None  # armed on log steps only
         self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
         self.ema = None
         if cfg.train.ema is not None:
@@ -148,7 +155,8 @@ class _Run:
     def run(self) -> dict:
         cfg, log = self.cfg, self.logger
         log.print(f"student {cfg.student.name}: {count_params(self.student.backbone):,} params"
-                  + (f"; teacher {cfg.teacher.name}: {count_params(self.teacher.model):,} params" if self.teacher else "")
+                  + "".join(f"; teacher {t.name}: {count_params(m.model):,} params"
+                            for t, m in zip(cfg.teachers, self.teacher.teachers if self.teacher else []))
                   + f"; world size {self.env.world}; device {self.env.device}")
         if self.resumed_state is not None:
             log.print(f"resumed from step {self.pos.global_step} (stage {self.stages[self.pos.stage].name}, "
@@ -181,7 +189,10 @@ class _Run:
         self.student.train()
         while pos.step < stage.steps:
             weights = stage_weights(stage, pos.step)
-            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device)
+            if self.diagnostics is not None and self._logs_at(stage, pos.step + 1, pos.global_step + 1):
+                self.diagnostics.arm()  # this step writes a log row: measure its (first) micro-batch
+            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device,
+                       pos.global_step)
             pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
             pos.microbatch += cfg.train.grad_accum
             if self.ema is not None:  # device ops only: no sync, no collective
@@ -216,8 +227,16 @@ class _Run:
         if cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0 and not last:
             self._checkpoint(prepared)
 
+    def _logs_at(self, stage: StageConfig, step: int, global_step: int) -> bool:
+        """Whether the step that makes the stage's step count `step` writes a log row (`_every_step`
+        logs on log_every / eval_every, `_run_stage` at the stage's end)."""
+        cfg = self.cfg.train
+        return (step == stage.steps or global_step % cfg.log_every == 0
+                or bool(cfg.eval_every and global_step % cfg.eval_every == 0))
+
     def _log_row(self, stage: StageConfig, window: Window, evaluate_now: bool) -> None:
-        row = {"stage": stage.name, **window.flush(self.env.device, self.env.world)}
+        diag = self.diagnostics.take() if self.diagnostics is not None else None  # device tensors: read by flush
+        row = {"stage": stage.name, **window.flush(self.env.device, self.env.world, diag)}
         self._check_finite(row)
         self.shown = {k: v for k, v in row.items() if k in ("train/loss", "train/ce", "train/kd", "train/hint")}
         if evaluate_now:

@@ -52,15 +52,21 @@ class Window:
         self.in_a_row = (self.in_a_row + 1) * skipped
         self.longest = torch.clamp(self.in_a_row, min=self.longest)  # min: a float or a tensor, no copy
 
-    def flush(self, device: torch.device, world: int) -> dict:
-        """The row (every rank calls it: the terms are averaged over ranks), then a new window."""
+    def flush(self, device: torch.device, world: int, extra: dict[str, torch.Tensor] | None = None) -> dict:
+        """The row (every rank calls it: the terms are averaged over ranks), then a new window.
+        `extra`: this rank's own 0-d device tensors (train.diagnostics), read back in the same
+        transfer and written to the row as they are (not averaged over ranks)."""
         keys, weighted = sorted(self.sums), sorted(self.weighted)
         local = [self.sums[k] for k in keys] + [self.weighted[k] for k in weighted]
         totals = torch.stack(local).double() if local else torch.zeros(0, dtype=torch.float64, device=device)
         # the step's figures are the same on every rank (gradients are all-reduced): not summed
+        extra = extra or {}
+        own = sorted(extra)
         same = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
-                            for v in (self.norm, self.skipped, self.longest)])
-        *totals, norm, skipped, longest = torch.cat([all_reduce_sum(totals), same]).tolist()  # the one sync
+                            for v in (self.norm, self.skipped, self.longest, *(extra[k] for k in own))])
+        n = len(local)
+        values = torch.cat([all_reduce_sum(totals), same]).tolist()  # the one sync
+        totals, (norm, skipped, longest), mine = values[:n], values[n:n + 3], values[n + 3:]
         micro = max(self.micro, 1)
         row = {f"train/{k}": totals[i] / (micro * world) for i, k in enumerate(keys)}
         for i, k in enumerate(weighted, start=len(keys)):
@@ -72,5 +78,6 @@ class Window:
         row.update({"lr": self.lr, "grad_norm": norm, "train/skipped_steps": int(skipped),
                     "train/skipped_in_a_row": int(longest),
                     "perf/img_per_s": self.images * world / max(time.perf_counter() - self.started, 1e-9)})
+        row.update(zip(own, mine))
         self.__init__(self.in_a_row)
         return row

@@ -116,3 +116,14 @@ def test_ddp_ranks_agree_on_preemption_every_k_steps_and_otherwise_stay_silent(t
                           run={"dir": str(tmp_path / "ddp"), "preempt_check_every": every})
     for events in run(tmp_path, config, nproc=2).values():
         assert quiet_steps(events, STEPS) == preemption_checks_only(every)
+
+
+def test_diagnostics_measure_log_steps_only_and_quiet_steps_stay_silent(tmp_path):
+    """train.diagnostics arms its hooks for the step that logs (step 4 here, and the last): the
+    other steps read nothing back, and the measured values travel with the row's one transfer."""
+    config = quiet_config(tmp_path / "diag.yaml", {"diagnostics": True, "log_every": 4})
+    events = run(tmp_path, config, nproc=1)[0]
+    assert {s: e for s, e in quiet_steps(events, STEPS).items() if s != 4} == {s: [] for s in range(1, STEPS) if s != 4}
+    assert [e[1:] for e in events if e[0] == 4] == [["read", "tolist"]]  # the row's single read
+    rows = [yaml.safe_load(line) for line in (tmp_path / "diag" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "diag/conv1/rms" in r] == [4, STEPS]
