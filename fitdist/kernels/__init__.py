@@ -3,7 +3,8 @@
 - `fused_hint_loss`: FitNets hint loss (Romero et al. 2014) with its regressor applied inside the
   loss, chunk by chunk, so the projected map and the difference are never materialised.
 - `fused_kd_ce_loss` / `fused_kd_loss`: cross-entropy and Hinton et al. (2015) KD from one pass
-  over the logits.
+  over the logits; KD against the teacher's logits or against a given target distribution
+  (`target_probs`: a teacher ensemble's mean, stored soft labels).
 
 Implementations, chosen by `impl`:
 - `"auto"`: Triton kernels for CUDA tensors when `triton` imports, chunked PyTorch elsewhere.
@@ -36,7 +37,7 @@ from torch import nn
 from fitdist.kernels.hint import as_maps, chunked_hint_loss, compute_dtype, hint_scale
 from fitdist.kernels.kd import check_kd_inputs, chunked_kd_ce
 from fitdist.kernels.spec import check_hint_shapes, hint_spec
-from fitdist.losses import hint_loss, kd_loss
+from fitdist.losses import hint_loss, kd_loss, kd_loss_to_target
 
 IMPLS = ("auto", "fused", "triton", "reference")
 
@@ -171,12 +172,12 @@ class KDLoss(NamedTuple):
 
     loss: torch.Tensor  # ce_weight · ce + kd_weight · kd: the one to differentiate
     ce: torch.Tensor | None  # cross-entropy with the labels (None without labels), detached
-    kd: torch.Tensor  # T² · KL(p_t^T ‖ p_s^T), batchmean, detached
+    kd: torch.Tensor  # T² · KL(p_t^T ‖ p_s^T) (or KL(target ‖ p_s^T)), batchmean, detached
 
 
 def fused_kd_ce_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor | None,
     temperature: float,
     ce_weight: float = 1.0,
@@ -184,35 +185,52 @@ def fused_kd_ce_loss(
     *,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    target_probs: torch.Tensor | None = None,
 ) -> KDLoss:
     """`ce_weight · F.cross_entropy(s.float(), labels) + kd_weight · kd_loss(s, t, T)`, one pass.
 
     Returns the weighted loss (differentiable with respect to the student logits only) and the
     two terms, detached, for logging. Without labels the ce term is None and ce_weight unused.
     The weights are plain floats (a schedule's value at this step, e.g. FitNets' annealed λ).
+
+    With `target_probs` (N×K probabilities already at temperature T, any float dtype, read as
+    fp32) instead of `teacher_logits` (then None), the KD term is
+    `kd_loss_to_target(s, target_probs, T)`. Its rows are assumed to sum to 1 and are not checked
+    (that would sync with the device); the gradient is that of the computed value either way.
     """
-    check_kd_inputs(student_logits, teacher_logits, labels, temperature)
+    if (teacher_logits is None) == (target_probs is None):
+        raise ValueError(
+            "fused_kd_ce_loss: give exactly one of teacher_logits and target_probs "
+            f"(got {'both' if target_probs is not None else 'neither'})"
+        )
+    probs = target_probs is not None
+    target = target_probs if probs else teacher_logits
+    check_kd_inputs(student_logits, target, labels, temperature, what="target_probs" if probs else "teacher")
     which = select_impl(impl, student_logits.device)
     if which == "reference":
-        kd = kd_loss(student_logits, teacher_logits, temperature)
+        if probs:
+            kd = kd_loss_to_target(student_logits, target_probs, temperature)
+        else:
+            kd = kd_loss(student_logits, teacher_logits, temperature)
         if labels is None:
             return KDLoss(kd * kd_weight, None, kd.detach())
         ce = F.cross_entropy(student_logits.float(), labels)
         return KDLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach())
-    args = (student_logits, teacher_logits, labels, temperature, ce_weight, kd_weight)
+    args = (student_logits, target, labels, temperature, ce_weight, kd_weight)
     if which == "triton" and impl == "auto":
         from fitdist.kernels.triton_kd import triton_kd_ce
 
         def run(s, t, y):
-            return triton_kd_ce(s, t, y, temperature, ce_weight, kd_weight)[0]
+            return triton_kd_ce(s, t, y, temperature, ce_weight, kd_weight, probs=probs)[0]
 
-        which = "triton" if triton_works("kd_ce", run, student_logits, teacher_logits, labels) else "fused"
+        kernel = "kd_ce_probs" if probs else "kd_ce"
+        which = "triton" if triton_works(kernel, run, student_logits, target, labels) else "fused"
     if which == "triton":
         from fitdist.kernels.triton_kd import triton_kd_ce
 
-        loss, ce, kd = triton_kd_ce(*args)
+        loss, ce, kd = triton_kd_ce(*args, probs=probs)
     else:
-        loss, ce, kd = chunked_kd_ce(*args, chunk_rows)
+        loss, ce, kd = chunked_kd_ce(*args, chunk_rows, probs=probs)
     return KDLoss(loss, ce if labels is not None else None, kd)
 
 

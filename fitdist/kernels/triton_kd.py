@@ -4,7 +4,10 @@ per logit row.
 The program streams its row twice in blocks of classes: first an online log-sum-exp (running max
 and rescaled sum) of s, s/T and t/T; then the per-row KL term and, when a gradient is wanted,
 `ce_weight (softmax(s) − onehot(y)) / N + kd_weight · T (p_s^T − p_t^T) / N` into the gradient
-row. It writes per-row ce and kl; the batch sums happen in fp32 with torch. Every value is fp32 in
+row. With PROBS the second input is the target distribution p itself (`target_probs`): the first
+pass sums its row instead of a log-sum-exp of t/T, and the KL is
+`Σ p (log p − (a − m_s)) − log(Σ_s) Σp` (0 · log 0 = 0), with gradient `T (p_s^T Σp − p) / N`.
+It writes per-row ce and kl; the batch sums happen in fp32 with torch. Every value is fp32 in
 registers whatever the logits' dtype. Backward only scales the saved gradient. Imported only when
 Triton is used.
 """
@@ -29,7 +32,7 @@ def _lse_update(m, acc, x):
 def _kd_fwd(
     s_ptr, t_ptr, y_ptr, ce_ptr, kl_ptr, g_ptr,
     K, stride_s, stride_t, stride_g, temp, c_ce, c_kd,
-    HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr, PROBS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -38,15 +41,19 @@ def _kd_fwd(
     m1, a1 = zero - float("inf"), zero
     ms, as_ = zero - float("inf"), zero
     mt, at = zero - float("inf"), zero
+    p_sum = zero
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
         s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_LABELS:
             m1, a1 = _lse_update(m1, a1, s)
         ms, as_ = _lse_update(ms, as_, s / temp)  # division, as the reference rounds it
-        mt, at = _lse_update(mt, at, t / temp)
+        if PROBS:
+            p_sum += tl.sum(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), 0)
+        else:
+            t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            mt, at = _lse_update(mt, at, t / temp)
     lse_s = ms + tl.log(as_)
     if HAS_LABELS:
         lse1 = m1 + tl.log(a1)
@@ -65,15 +72,27 @@ def _kd_fwd(
         mask = offs < K
         s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
         a = s / temp
-        b = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) / temp
-        p_t = tl.where(mask, tl.exp(b - mt) / at, 0.0)
-        cross += tl.sum(p_t * (b - a), 0)
+        if PROBS:
+            p_t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+            # xlogy's 0 · log 0 = 0 (log 1 stands in, never evaluating log 0); a negative p gives
+            # NaN there as here
+            log_p = tl.log(tl.where(p_t == 0.0, 1.0, p_t))
+            cross += tl.sum(tl.where(p_t == 0.0, 0.0, p_t * (log_p - (a - ms))), 0)
+            q_scale = p_sum
+        else:
+            b = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) / temp
+            p_t = tl.where(mask, tl.exp(b - mt) / at, 0.0)
+            cross += tl.sum(p_t * (b - a), 0)
+            q_scale = 1.0
         if WANT_GRAD:
-            g = c_kd * (tl.exp(a - lse_s) - p_t)
+            g = c_kd * (tl.exp(a - lse_s) * q_scale - p_t)
             if HAS_LABELS:
                 g += c_ce * (tl.exp(s - lse1) - tl.where(offs == y, 1.0, 0.0)) + y_nan
             tl.store(g_ptr + row * stride_g + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(kl_ptr + row, cross + (ms - mt) + tl.log(as_ / at))
+    if PROBS:  # −Σ p log p_s = −Σ p (a − m_s) + log(Σ_s) Σp
+        tl.store(kl_ptr + row, cross + tl.log(as_) * p_sum)
+    else:
+        tl.store(kl_ptr + row, cross + (ms - mt) + tl.log(as_ / at))
     if HAS_LABELS:
         s_y = tl.load(s_row + y, mask=y_ok, other=0.0).to(tl.float32)
         tl.store(ce_ptr + row, lse1 - s_y + y_nan)
@@ -83,7 +102,7 @@ class TritonKDCE(torch.autograd.Function):
     """(loss, ce, kd) like `kd.ChunkedKDCE`, with the row loops in Triton."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, ce_weight, kd_weight):
+    def forward(ctx, student, teacher, labels, temperature, ce_weight, kd_weight, probs=False):
         student, teacher = student.contiguous(), teacher.contiguous()
         n, k = student.shape
         t = float(temperature)
@@ -99,7 +118,7 @@ class TritonKDCE(torch.autograd.Function):
             ce_rows if has_labels else kl_rows, kl_rows, grad if want_grad else kl_rows,
             k, student.stride(0), teacher.stride(0), grad.stride(0) if want_grad else 0,
             t, ce_weight / n, kd_weight * t / n,
-            HAS_LABELS=has_labels, WANT_GRAD=want_grad, BLOCK=block,
+            HAS_LABELS=has_labels, WANT_GRAD=want_grad, PROBS=bool(probs), BLOCK=block,
         )  # fmt: skip
         ce = ce_rows.sum() / n if has_labels else torch.zeros((), **f32)
         kd = kl_rows.sum() * (t * t / n)
@@ -111,10 +130,11 @@ class TritonKDCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _g_ce, _g_kd):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 
-def triton_kd_ce(student, teacher, labels, temperature, ce_weight, kd_weight):
-    """(loss, ce, kd) with the Triton kernel; inputs must already be checked."""
-    args = (float(temperature), float(ce_weight), float(kd_weight))
+def triton_kd_ce(student, teacher, labels, temperature, ce_weight, kd_weight, *, probs=False):
+    """(loss, ce, kd) with the Triton kernel; inputs must already be checked. With `probs`,
+    `teacher` is the target distribution at temperature T (any float dtype) instead of logits."""
+    args = (float(temperature), float(ce_weight), float(kd_weight), bool(probs))
     return TritonKDCE.apply(student, teacher.detach(), labels, *args)
