@@ -2,7 +2,8 @@
 the reference losses (`impl="reference"`), in value and gradient, then timed.
 
 Cases: fp32 and bf16 autocast; NCHW and channels_last feature maps; 1x1-conv and linear
-regressors, with and without ReLU; KD with and without labels; every shape larger than one Triton
+regressors, with and without ReLU; KD with and without labels, against teacher logits and against a
+given target distribution (`target_probs`: a 3-teacher weighted mean, in bf16 under bf16); every shape larger than one Triton
 block in every dimension (hint: > 32 input and output channels, > 64 positions, several samples;
 KD: > 4096 classes, several rows). On CPU the kernels run under `TRITON_INTERPRET=1` (set by the
 runner), with small shapes that still span several blocks.
@@ -161,40 +162,54 @@ def hint_checks(ctx: Context, checks: Checks, gen: torch.Generator) -> None:
 
 
 # -------------------------------------------------------------------------------------------- KD
-def kd_case(device: str, n: int, k: int, bf16: bool, labels: bool, gen: torch.Generator) -> float:
+def kd_case(device: str, n: int, k: int, bf16: bool, labels: bool, gen: torch.Generator,
+            probs: bool = False) -> float:
     temperature, ce_w, kd_w = 4.0, 0.5, 2.0
     s = (torch.randn(n, k, generator=gen) * 3).to(device)
     t = (torch.randn(n, k, generator=gen) * 3).to(device)
     y = torch.randint(0, k, (n,), generator=gen).to(device) if labels else None
+    if probs:  # a weighted mean of three teachers' softened probabilities
+        w = torch.rand(3, generator=gen) + 0.1
+        teachers = torch.randn(3, n, k, generator=gen) * 3
+        t = ((w / w.sum())[:, None, None] * (teachers / temperature).softmax(-1)).sum(0).to(device)
     if bf16:  # what an autocast classifier head hands the loss
         s, t = s.bfloat16(), t.bfloat16()
     s.requires_grad_()
+    kw = {"target_probs": t} if probs else {}
 
     def value_and_grad(impl: str) -> list[torch.Tensor]:
         with autocast(device, bf16):
-            out = fused_kd_ce_loss(s, t, y, temperature, ce_w, kd_w, impl=impl)
+            out = fused_kd_ce_loss(s, None if probs else t, y, temperature, ce_w, kd_w, impl=impl, **kw)
         return [out.loss, out.kd, *torch.autograd.grad(out.loss, s)]
 
     kernel, ref = value_and_grad("triton"), value_and_grad("reference")
     s64 = s.detach().double().requires_grad_()
-    log_ps, log_pt = F.log_softmax(s64 / temperature, -1), F.log_softmax(t.double() / temperature, -1)
-    kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum() / n
+    log_ps = F.log_softmax(s64 / temperature, -1)
+    if probs:  # the target as given (a bf16 one's rows miss 1 by its roundings)
+        p64 = t.double()
+        kd = temperature**2 * (torch.xlogy(p64, p64) - p64 * log_ps).sum() / n
+    else:
+        log_pt = F.log_softmax(t.double() / temperature, -1)
+        kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum() / n
     loss = kd_w * kd + (ce_w * F.cross_entropy(s64, y) if labels else 0.0)
     exact = [loss, kd, *torch.autograd.grad(loss, s64)]
     # every value is computed in fp32 in either implementation; the gradient is stored in s's dtype
     floors = [floor(k + n * k + ELEMENTWISE, torch.float32)] * 2 + [floor(k + ELEMENTWISE, s.dtype)]
-    what = f"kd {n}x{k} {'bf16' if bf16 else 'fp32'} {'labels' if labels else 'no labels'}"
+    what = (f"kd {'target_probs ' if probs else ''}{n}x{k} {'bf16' if bf16 else 'fp32'} "
+            f"{'labels' if labels else 'no labels'}")
     return compare(what, kernel, ref, exact, ["loss", "kd", "d logits"], floors)
 
 
 def kd_checks(ctx: Context, checks: Checks, gen: torch.Generator) -> None:
     shapes = KD_CUDA if ctx.cuda else KD_CPU
-    for bf16 in (False, True):
-        def run_all(bf16=bf16):
-            worst = max(kd_case(ctx.device, n, k, bf16, labels, gen) for n, k in shapes for labels in (True, False))
-            return f"{2 * len(shapes)} cases, worst error {worst:.2g} of the allowed"
+    for probs in (False, True):
+        for bf16 in (False, True):
+            def run_all(bf16=bf16, probs=probs):
+                worst = max(kd_case(ctx.device, n, k, bf16, labels, gen, probs)
+                            for n, k in shapes for labels in (True, False))
+                return f"{2 * len(shapes)} cases, worst error {worst:.2g} of the allowed"
 
-        checks.run(f"kd {'bf16' if bf16 else 'fp32'}", run_all)
+            checks.run(f"kd {'target_probs ' if probs else ''}{'bf16' if bf16 else 'fp32'}", run_all)
 
 
 # ---------------------------------------------------------------------------------------- timing
