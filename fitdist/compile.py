@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from fitdist.config import Config, StageConfig
+from fitdist.config import Config, StageConfig, teacher_list
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.stage import probe_backward
 
@@ -80,13 +80,18 @@ def compile_models(cfg: Config, student: Student, teacher: FrozenTeacher | None,
     """Compiles the student's backbone forward and the teacher's forward, at their first call."""
     mode = cfg.train.compile_mode
     student.tap.run = CompiledRun(student.tap.run_model, f"student {cfg.student.name}", mode, warn)
-    if teacher is not None:
-        teacher.tap.run = CompiledRun(teacher.tap.run_model, f"teacher {cfg.teacher.name}", mode, warn)
+    for t, spec in zip(_teachers(teacher), teacher_list(cfg)):  # each teacher's forward, compiled on its own
+        t.tap.run = CompiledRun(t.tap.run_model, f"teacher {spec.name}", mode, warn)
+
+
+def _teachers(teacher) -> list[FrozenTeacher]:
+    """The frozen teachers of a lone teacher, an `Ensemble` or None."""
+    return [] if teacher is None else list(getattr(teacher, "teachers", [teacher]))
 
 
 def compiled(student: Student, teacher: FrozenTeacher | None) -> dict[str, str]:
     """`{model: "compiled" | "eager: <reason>"}` for the models `compile_models` compiled."""
-    runs = [m.tap.run for m in (student, teacher) if m is not None and isinstance(m.tap.run, CompiledRun)]
+    runs = [m.tap.run for m in (student, *_teachers(teacher)) if isinstance(m.tap.run, CompiledRun)]
     return {r.name: "compiled" if r.compiled is not None else f"eager: {r.failure}" for r in runs}
 
 

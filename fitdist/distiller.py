@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from fitdist import kernels
 from fitdist.config import Weight, nonzero_weight
 from fitdist.features import FeatureTap
 from fitdist.precision import DTYPES, autocast
+
+if TYPE_CHECKING:
+    from fitdist.ensemble import Ensemble, Targets
 
 TERMS = ("ce", "kd", "hint")
 # layers whose forward autocast runs in bf16/fp16, weight and bias cast, on CPU and CUDA alike
@@ -114,32 +118,48 @@ class Distiller:
     the same parameters receive gradients each time. Without it, the terms with a non-zero weight
     in each call are computed. `kd` is the term λ multiplies: `T²·KL(p_t^T ‖ p_s^T)`, or with
     `kd_t2=False` the KL alone (FitNets' scale), so `loss = Σ weight·term` for the logged terms.
+    `soft=True` (`data.soft_labels`): the KD target comes with the batch (`soft` of `__call__`:
+    stored top-k, fitdist.data.soft_labels), so kd needs no teacher; hints still do.
     """
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, temperature: float, loss_impl: str = "auto",
-                 kd_t2: bool = True, terms: Iterable[str] | None = None):
-        self.student, self.teacher = student, teacher
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher | Ensemble | None, temperature: float,
+                 loss_impl: str = "auto", kd_t2: bool = True, terms: Iterable[str] | None = None,
+                 soft: bool = False):
+        from fitdist.ensemble import Ensemble  # it imports FrozenTeacher from here
+
+        self.student, self.teacher = student, Ensemble.of(teacher)  # a lone teacher: an ensemble of one
         self.temperature, self.loss_impl = temperature, loss_impl
         self.kd_scale = 1.0 if kd_t2 else 1.0 / temperature**2  # kd_loss carries T²; without kd_t2, undo it
         self.terms = None if terms is None else frozenset(terms)
         if self.terms is not None and not self.terms <= set(TERMS):
             raise ValueError(f"Distiller: terms must be among {TERMS}, got {sorted(self.terms)}")
-        if teacher is None and self.terms and self.terms & {"kd", "hint"}:
+        if teacher is None and self.terms and self.terms & ({"hint"} if soft else {"kd", "hint"}):
             raise ValueError("Distiller: the kd and hint terms need a teacher")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, weights: dict[str, float],
+                 step: int = 0, micro: int = 0, soft: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """`step`, `micro`: the global step and micro-step (which teacher `loss.ensemble: sample` draws);
+        `soft`: the batch's stored top-k (indices, probabilities at T), the KD target instead of a teacher's."""
         use = self.terms if self.terms is not None else used_terms(weights)
         w = {t: float(weights.get(t, 0.0)) for t in TERMS}
         need_logits = "ce" in use or "kd" in use
-        t_logits, t_hints = None, None
-        if "kd" in use or "hint" in use:
-            t_logits, t_hints = self.teacher(images, need_logits="kd" in use)
-        s_logits, hint_losses = self.student(images, t_hints if "hint" in use else None, need_logits)
+        target = None
+        stored = soft is not None and "kd" in use
+        if "hint" in use or ("kd" in use and not stored):
+            target = self.teacher(images, "kd" in use and not stored, "hint" in use, self.temperature, step, micro)
+        s_logits, hint_losses = self.student(images, target.hints if "hint" in use else None, need_logits)
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=images.device)
+        if stored:  # the stored top-k made dense on the device: no teacher forward for the kd term
+            from fitdist.data.soft_labels import dense_target
+            from fitdist.ensemble import Targets
+
+            probs = dense_target(*soft, s_logits.shape[-1])
+            target = Targets(None, probs, target.hints if target is not None else [])
         if "kd" in use:  # one fused pass over the logits for ce and kd (fitdist/kernels)
-            out = kernels.fused_kd_ce_loss(s_logits, t_logits, labels if "ce" in use else None, self.temperature,
-                                           w["ce"], w["kd"] * self.kd_scale, impl=self.loss_impl)
+            out = kd_ce(s_logits, target, labels if "ce" in use else None, self.temperature,
+                        w["ce"], w["kd"] * self.kd_scale, self.loss_impl)
             loss, terms["kd"] = out.loss, out.kd * self.kd_scale
             if out.ce is not None:
                 terms["ce"] = out.ce
@@ -152,3 +172,23 @@ class Distiller:
             terms["hint"] = hint.detach()
         terms["loss"] = loss
         return terms
+
+
+def kd_ce(s_logits: torch.Tensor, target: Targets, labels: torch.Tensor | None, temperature: float, ce_w: float,
+          kd_w: float, impl: str) -> kernels.KDLoss:
+    """ce and KD against the teachers' target: their (one or mean) logits, or mean probabilities."""
+    if target.probs is None:
+        return kernels.fused_kd_ce_loss(s_logits, target.logits, labels, temperature, ce_w, kd_w, impl=impl)
+    import inspect  # TEMPORARY fallback until fused_kd_ce_loss takes target_probs (remove then)
+
+    if "target_probs" not in inspect.signature(kernels.fused_kd_ce_loss).parameters:
+        t = float(temperature)
+        p = target.probs.float()
+        log_q = F.log_softmax(s_logits.float() / t, dim=-1)
+        kd = (torch.xlogy(p, p) - p * log_q).sum() / s_logits.shape[0] * (t * t)
+        if labels is None:
+            return kernels.KDLoss(kd * kd_w, None, kd.detach())
+        ce = F.cross_entropy(s_logits.float(), labels)
+        return kernels.KDLoss(ce * ce_w + kd * kd_w, ce.detach(), kd.detach())
+    return kernels.fused_kd_ce_loss(s_logits, None, labels, temperature, ce_w, kd_w, impl=impl,
+                                    target_probs=target.probs)

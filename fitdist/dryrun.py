@@ -25,14 +25,15 @@ import torch
 import torch.distributed as tdist
 
 from fitdist import dist, pretrained
-from fitdist.build import build_student, place, teacher_input
+from fitdist.build import build_student, ensemble_of, hint_paths, place, teacher_input, teacher_spec
 from fitdist.compile import compile_models, compiled
-from fitdist.config import Config, StageConfig
+from fitdist.config import Config, StageConfig, hint_teacher, teacher_ids, teacher_key, teacher_list
 from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
+from fitdist.ensemble import Ensemble
 from fitdist.errors import UserError
 from fitdist.models import build_model, count_macs, count_params
-from fitdist.stage import prepare_stage, resolve_steps, stage_weights, train_step
+from fitdist.stage import prepare_stage, resolve_steps, stage_terms, stage_weights, train_step
 from fitdist.strategy import build_strategy
 from fitdist.window import Window
 
@@ -72,21 +73,37 @@ def synthetic_data(cfg: Config) -> DataBundle:
     )
 
 
-def dry_teacher(cfg: Config, data: DataBundle) -> tuple[FrozenTeacher | None, str | None]:
-    """The frozen teacher, with its weights if the file exists and random weights otherwise."""
-    if cfg.teacher is None:
+def dry_teacher(cfg: Config, data: DataBundle, index: int = 0) -> tuple[FrozenTeacher | None, str | None]:
+    """Teacher `index`, frozen, with its weights if the file exists and random weights otherwise."""
+    if not teacher_list(cfg):
         return None, None
-    weights = cfg.teacher.weights
-    found = weights_found(cfg.teacher, "teacher")
-    model_cfg = cfg.teacher if found else dataclasses.replace(cfg.teacher, weights=None)
-    model = build_model(model_cfg, data.num_classes, data.in_channels, where="teacher")
+    spec, key = teacher_spec(cfg, index), teacher_key(cfg, index)
+    weights = spec.weights
+    found = weights_found(spec, key)
+    model_cfg = spec if found else dataclasses.replace(spec, weights=None)
+    model = build_model(model_cfg, data.num_classes, data.in_channels, where=key)
     note = (
-        f"loaded {weights}" if found else f"random (teacher.weights {weights or 'unset'} not found)"
+        f"loaded {weights}" if found else f"random ({key}.weights {weights or 'unset'} not found)"
     )
     if not found and calibrate_batchnorm(model, data):
         note += "; BatchNorm statistics from random batches"
-    hints = [h.teacher for h in cfg.hints]
-    return FrozenTeacher(model, hints, cfg.teacher.precision, cfg.teacher.channels_last, teacher_input(cfg, data)), note
+    return FrozenTeacher(model, hint_paths(cfg, index), spec.precision, spec.channels_last,
+                         teacher_input(cfg, data, index)), note
+
+
+def dry_teachers(cfg: Config, data: DataBundle) -> tuple[Ensemble | None, list[str]]:
+    """Every teacher as the run's `Ensemble`, and each one's weights note."""
+    built = [dry_teacher(cfg, data, i) for i in range(len(teacher_list(cfg)))]
+    if not built:
+        return None, []
+    return ensemble_of(cfg, [t for t, _ in built]), [note for _, note in built]
+
+
+def teacher_stages(cfg: Config, index: int) -> list[str]:
+    """The names of the stages that run teacher `index`: every KD stage (all teachers, or the
+    sampled one), and the hint stages whose hints it serves."""
+    serves = any(hint_teacher(cfg, j) == index for j in range(len(cfg.hints)))
+    return [st.name for st in cfg.stages if "kd" in stage_terms(st) or ("hint" in stage_terms(st) and serves)]
 
 
 def weights_found(model_cfg, where: str) -> bool:
@@ -135,7 +152,7 @@ def calibrate_batchnorm(model: torch.nn.Module, data: DataBundle, batches: int =
 
 
 def describe_hints(
-    cfg: Config, student: Student, teacher: FrozenTeacher | None, x: torch.Tensor
+    cfg: Config, student: Student, teacher: Ensemble | None, x: torch.Tensor
 ) -> list[dict]:
     """Per hint pair: the probed shapes and the regressor `build_student` chose for them."""
     if teacher is None or not cfg.hints:
@@ -143,7 +160,7 @@ def describe_hints(
     student.eval()
     with torch.no_grad():
         _, s_feats = student.tap(x)
-        _, t_feats = teacher.tap(teacher.prepare(x))
+        _, t_feats = teacher.probe(x)
     student.train()
     out = []
     for h, sf, tf, reg in zip(cfg.hints, s_feats, t_feats, student.regressors):
@@ -182,7 +199,7 @@ def dry_run(cfg: Config) -> dict:
     env = dist.DistEnv(device=dist.pick_device(cfg.train.device, 0))
     torch.manual_seed(cfg.seed)
     data = synthetic_data(cfg)
-    teacher, teacher_note = dry_teacher(cfg, data)
+    teacher, teacher_notes = dry_teachers(cfg, data)
     torch.manual_seed(cfg.seed)
     student_cfg, student_note = dry_student(cfg)
     student = build_student(student_cfg, data, teacher)
@@ -207,13 +224,19 @@ def dry_run(cfg: Config) -> dict:
         "teacher": None,
         "hints": describe_hints(cfg, student, teacher, probe.repeat(2, 1, 1, 1)),
     }
-    if teacher is not None:
-        result["teacher"] = {
-            "name": cfg.teacher.name,
-            "params": count_params(teacher.model),
-            "macs": count_macs(teacher.model, teacher.prepare(probe)),
-            "weights": teacher_note,
-        }
+    if teacher is not None:  # each teacher, its cost and the stages that run it; `teacher`: the first
+        result["teachers"] = [{
+            "id": tid,
+            "name": teacher_spec(cfg, i).name,
+            "weight": w,
+            "params": count_params(t.model),
+            "macs": count_macs(t.model, t.prepare(probe)),
+            "weights": note,
+            "stages": teacher_stages(cfg, i),
+        } for i, (tid, t, w, note) in enumerate(zip(teacher_ids(cfg), teacher.teachers, teacher.weights, teacher_notes))]
+        result["teacher"] = {k: result["teachers"][0][k] for k in ("name", "params", "macs", "weights")}
+        if len(teacher) > 1:
+            result["ensemble"] = cfg.loss.ensemble
     place(cfg, student, teacher, env.device)
     if cfg.train.compile:
         compile_models(cfg, student, teacher, warn=lambda text: None)  # reported below instead

@@ -27,8 +27,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, where: str
     kind, sep, name = cfg.name.partition(":")
     if not sep or not name:
         raise UserError(f"{where}.name: {cfg.name!r} is not of the form torchvision:NAME, timm:NAME, fitdist:NAME or pkg.module:factory")
-    if cfg.head == "reset" and where == "teacher":
-        raise UserError("teacher.head: reset would give the teacher an untrained classifier: its logits "
+    if cfg.head == "reset" and where.startswith("teacher"):  # `teacher` or an ensemble's `teachers.N`
+        raise UserError(f"{where}.head: reset would give the teacher an untrained classifier: its logits "
                         "would be meaningless; a teacher's weights must predict the data's classes")
     named = pretrained.named_kind(cfg.weights)
     # without weights (export and eval rebuild the student so) the classifier is the data's anyway
@@ -105,7 +105,7 @@ def _torchvision_pretrained(cfg: ModelConfig, name: str, num_classes: int, in_ch
     model, classes = pretrained.build_pretrained(name, cfg.weights, cfg.kwargs, where)
     if classes != num_classes:
         if cfg.head != "reset":
-            hint = "" if where == "teacher" else f"; {where}.head=reset replaces its classifier"
+            hint = "" if where.startswith("teacher") else f"; {where}.head=reset replaces its classifier"
             raise UserError(f"{where}.weights: {cfg.weights} predicts {classes} classes but the data has "
                             f"{num_classes}{hint}")
         pretrained.reset_head(model, classes, num_classes, where)

@@ -24,6 +24,7 @@ from fitdist.config import Config, OptimConfig, StageConfig
 from fitdist.data.normalize import move_images
 from fitdist.distiller import TERMS, Distiller, FrozenTeacher, Student, used_terms
 from fitdist.errors import UserError
+from fitdist.max_norm import constrained_weights
 from fitdist.schedule import weight_at
 from fitdist.strategy import Strategy
 from fitdist.window import Window
@@ -66,7 +67,9 @@ def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: F
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         student.train()
         with autocast():
-            loss = Distiller(student, teacher, cfg.loss.temperature, impl, cfg.loss.kd_t2, terms)(x, labels, weights)["loss"]
+            soft = _probe_soft(student, x) if teacher is None and "kd" in terms else None  # stored labels' stand-in
+            distiller = Distiller(student, teacher, cfg.loss.temperature, impl, cfg.loss.kd_t2, terms, soft is not None)
+            loss = distiller(x, labels, weights, soft=soft)["loss"]
         if loss.requires_grad:
             (backward or torch.Tensor.backward)(loss)
     reached = [p.grad is not None for p in student.parameters()]
@@ -74,6 +77,15 @@ def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: F
         p.grad = None
     student.load_state_dict(buffers)
     return reached
+
+
+def _probe_soft(student: Student, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniform top-1 target (index 0, probability 1/C) in place of the stored soft labels a
+    teacherless KD stage (`data.soft_labels`) reads: the probe only needs what the loss reaches."""
+    with torch.no_grad():
+        classes = student(x)[0].shape[-1]
+    return (torch.zeros(len(x), 1, dtype=torch.long, device=x.device),
+            torch.full((len(x), 1), 1.0 / classes, device=x.device))
 
 
 def set_trainable(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
@@ -111,6 +123,7 @@ class PreparedStage:
     optim: OptimConfig  # the stage's merged optimizer block
     lr: float  # base learning rate after world-size scaling
     notes: list[str]  # lines for the run's log
+    constrained: list[nn.Parameter] = dataclasses.field(default_factory=list)  # optim.max_norm clips these
 
 
 def prepare_stage(cfg: Config, stage: StageConfig, student: Student, teacher: FrozenTeacher | None,
@@ -143,9 +156,11 @@ def prepare_stage(cfg: Config, stage: StageConfig, student: Student, teacher: Fr
     lr = scaled_lr(optim, world)
     notes.append(f"lr {lr:g}" + (f" (optim.scale_lr=linear: {optim.lr:g} × world size {world})"
                                   if optim.scale_lr == "linear" else " (optim.scale_lr=none)"))
+    constrained = constrained_weights(student) if optim.max_norm else []  # trainable Conv/Linear weights
     model, optimizer, scheduler = strategy.prepare(student, optim, lr, stage.steps, find_unused=bool(unreached))
-    distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2, stage_terms(stage))
-    return PreparedStage(model, optimizer, scheduler, distiller, optim, lr, notes)
+    distiller = Distiller(model, teacher, cfg.loss.temperature, cfg.loss.impl, cfg.loss.kd_t2, stage_terms(stage),
+                          soft=bool(cfg.data.soft_labels))
+    return PreparedStage(model, optimizer, scheduler, distiller, optim, lr, notes, constrained)
 
 
 def probe_images(n: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -160,22 +175,25 @@ def to_layout(images: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 def train_step(cfg: Config, prepared: PreparedStage, strategy: Strategy, batches: Iterator,
                weights: dict[str, float], device: torch.device, window: Window,
-               to_device: Callable = move_images) -> tuple[torch.Tensor, torch.Tensor]:
+               to_device: Callable = move_images, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `train.grad_accum` micro-batches, each micro-batch's loss terms
-    added to `window`. Returns `(grad norm, stepped)` from `strategy.step`, device tensors: the
+    added to `window`; `step` is the run's global step (which teacher `loss.ensemble: sample` draws). Returns `(grad norm, stepped)` from `strategy.step`, device tensors: the
     step itself reads nothing back to the host."""
     accum = cfg.train.grad_accum
     for micro in range(accum):
-        images, labels = next(batches)
+        images, labels, *soft = next(batches)  # with data.soft_labels: + stored top-k (indices, probabilities)
         images = to_layout(to_device(images, device), cfg)  # the bundle's: uint8 -> normalised float
         labels = labels.to(device, non_blocking=True)
+        soft = tuple(t.to(device, non_blocking=True) for t in soft) or None
         with strategy.microstep(prepared.model, sync=micro == accum - 1):
             with strategy.autocast():
-                terms = prepared.distiller(images, labels, weights)
+                terms = prepared.distiller(images, labels, weights, step, micro, soft=soft)
             strategy.backward(terms["loss"] / accum)
         window.add(terms, weights, len(labels))
     lr = prepared.scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler moves after it
     grad_norm, stepped = strategy.step(prepared.optimizer, prepared.optim.max_grad_norm)
+    if prepared.constrained:  # optim.max_norm: on the device, every rank alike
+        strategy.constrain(prepared.optimizer, prepared.constrained, prepared.optim.max_norm)
     window.step(grad_norm, stepped, lr)
     prepared.scheduler.step()
     return grad_norm, stepped

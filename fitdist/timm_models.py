@@ -78,7 +78,7 @@ def build_timm(name: str, weights: str | None, head: str, kwargs: dict, num_clas
     cfg = pretrained_cfg(name, weights, where)
     classes = cfg.num_classes
     if classes != num_classes and head != "reset":
-        hint = "" if where == "teacher" else f"; {where}.head=reset replaces its classifier"
+        hint = "" if where.startswith("teacher") else f"; {where}.head=reset replaces its classifier"
         raise UserError(f"{where}.weights: {full_name(name, weights)} predicts {classes} classes but the data has "
                         f"{num_classes}{hint}")
     full = full_name(name, weights)

@@ -1,0 +1,251 @@
+"""Teacher ensembles (fitdist/ensemble.py): config, the three KD targets against closed forms, which
+teachers a stage runs, the `sample` draw, resume exactness, and nothing of a teacher in a checkpoint."""
+
+import collections
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import STUDENT, write_config
+
+from fitdist.config import ModelConfig, load_config
+from fitdist.distiller import Distiller, FrozenTeacher
+from fitdist.ensemble import Ensemble
+from fitdist.errors import UserError
+from fitdist.models import build_model
+from fitdist.trainer import train
+
+SMALL = {"name": "fitdist:fitnet", "kwargs": {"widths": [8, 8, 16], "pool_after": [1, 2]}}
+OTHER = {"name": "fitdist:fitnet", "kwargs": {"widths": [4, 8, 8], "pool_after": [1, 2]}}
+
+
+def teacher_file(tmp_path, spec: dict, seed: int, classes: int = 10) -> str:
+    """A teacher's weights file: a randomly initialised model (its outputs are what the tests need)."""
+    torch.manual_seed(seed)
+    path = tmp_path / f"teacher-{seed}-{classes}.pt"
+    torch.save(build_model(ModelConfig(spec["name"], spec["kwargs"]), classes, 1).state_dict(), path)
+    return str(path)
+
+
+def two_teachers(tmp_path, **extra) -> list[dict]:
+    return [{**SMALL, "weights": teacher_file(tmp_path, SMALL, 1), "id": "a", **extra.get("a", {})},
+            {**OTHER, "weights": teacher_file(tmp_path, OTHER, 2), "id": "b", "weight": 3.0, **extra.get("b", {})}]
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_teachers_config_ids_from_and_the_dumped_form(tmp_path):
+    path = write_config(tmp_path / "e.yaml", teachers=[{"name": "torchvision:resnet50"}, {**SMALL, "weight": 2}],
+                        hints=[{"student": "conv3", "teacher": "conv2", "from": "fitnet"}],
+                        loss={"ensemble": "mean_logits"})
+    from fitdist.config import dump_config, hint_teacher, teacher_ids
+
+    cfg = load_config(path)
+    assert teacher_ids(cfg) == ["resnet50", "fitnet"] and cfg.teacher is cfg.teachers[0]
+    assert hint_teacher(cfg, 0) == 1 and cfg.loss.ensemble == "mean_logits"
+    assert hint_teacher(load_config(path, ["hints.0.from=0"]), 0) == 0  # an index, by a dotted override
+    assert hint_teacher(load_config(path, ["hints.0.from=resnet50"]), 0) == 0
+    dump_config(cfg, tmp_path / "dumped.yaml")
+    dumped = yaml.safe_load((tmp_path / "dumped.yaml").read_text())
+    assert dumped["teacher"] is None and dumped["hints"][0]["from"] == "fitnet" and "from_" not in dumped["hints"][0]
+    again = load_config(tmp_path / "dumped.yaml")  # what eval and resume read back
+    assert teacher_ids(again) == teacher_ids(cfg) and [t.weight for t in again.teachers] == [1.0, 2.0]
+    single = load_config(write_config(tmp_path / "s.yaml", teacher=SMALL))
+    assert single.teachers == [single.teacher] and teacher_ids(single) == ["fitnet"]
+    dump_config(single, tmp_path / "single.yaml")
+    assert yaml.safe_load((tmp_path / "single.yaml").read_text())["teachers"] == []
+
+
+@pytest.mark.parametrize("sections, overrides, message", [
+    ({"teachers": [SMALL, OTHER]}, [], r"^teachers.0 and teachers.1 both have the id 'fitnet': give each an `id`"),
+    ({"teachers": [SMALL, {**OTHER, "id": "o"}], "hints": [{"student": "conv3", "teacher": "conv2", "from": "x"}]},
+     [], r"^hints.0.from: no teacher 'x'; the teachers are fitnet, o$"),
+    ({"teachers": [SMALL, {**OTHER, "id": "o"}], "hints": [{"student": "conv3", "teacher": "conv2", "from": 2}]},
+     [], r"^hints.0.from: no teacher 2; there are 2"),
+    ({"teachers": [SMALL, {**OTHER, "id": "o", "weight": 0}]}, [], r"^teachers.1.weight: must be > 0, got 0"),
+    ({"teachers": [SMALL, {**OTHER, "id": "o"}]}, ["teachers.0.weight=-1"], r"^teachers.0.weight: must be > 0"),
+    ({"teacher": SMALL, "teachers": [OTHER]}, [], r"^teacher and teachers: give one of them"),
+    ({"teachers": [SMALL]}, ["teacher.name=fitdist:fitnet"], r"^teacher and teachers: give one of them"),
+    ({"teachers": [SMALL]}, ["hints=[{student: conv3, teacher: conv2, form: fitnet}]"], r"'hints.0.form'.*hints.0.from"),
+    ({"teachers": [SMALL]}, ["loss.ensemble=median"], r"^loss.ensemble: 'median' is not one of mean_probs"),
+])
+def test_bad_teachers_configs_are_one_line_errors(tmp_path, sections, overrides, message):
+    path = write_config(tmp_path / "bad.yaml", **sections)
+    with pytest.raises(UserError, match=message):
+        load_config(path, overrides)
+
+
+def test_a_teacher_predicting_other_classes_is_an_error_naming_it(tmp_path):
+    from fitdist.build import build_student, ensemble_of
+    from fitdist.dryrun import synthetic_data
+
+    path = write_config(tmp_path / "c.yaml", teachers=[{**SMALL, "id": "a"}, {**OTHER, "id": "seven"}],
+                        stages=[{"name": "kd", "steps": 1, "kd": 1}])
+    cfg = load_config(path)
+    models = [build_model(ModelConfig(SMALL["name"], SMALL["kwargs"]), 10, 1),
+              build_model(ModelConfig(OTHER["name"], OTHER["kwargs"]), 7, 1)]
+    ensemble = ensemble_of(cfg, [FrozenTeacher(m, []) for m in models])
+    with pytest.raises(UserError, match=r"^teachers.1 \(seven\): predicts 7 classes but the data has 10$"):
+        build_student(cfg, synthetic_data(cfg), ensemble)
+
+
+# ------------------------------------------------------------------ losses against closed forms
+
+
+def frozen(spec: dict, seed: int, hints: list[str] = ()) -> FrozenTeacher:
+    torch.manual_seed(seed)
+    return FrozenTeacher(build_model(ModelConfig(spec["name"], spec["kwargs"]), 10, 1), list(hints))
+
+
+@pytest.mark.parametrize("kd_t2", [True, False])
+def test_mean_probs_and_mean_logits_equal_their_closed_forms(seed, kd_t2):
+    teachers = [frozen(SMALL, seed + i) for i in range(3)]
+    raw = torch.rand(3).add(0.2).tolist()
+    w = [r / sum(raw) for r in raw]
+    x, labels = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    s = torch.randn(6, 10, requires_grad=True)
+    student = lambda images, hints, need_logits: (s, [])  # fixed student logits
+    T = 1.0 + 4 * torch.rand(()).item()
+    with torch.no_grad():
+        t = [m.model(x) for m in teachers]
+    log_q = F.log_softmax(s / T, -1)
+    p_bar = sum(wi * F.softmax(ti / T, -1) for wi, ti in zip(w, t))
+    t_bar = sum(wi * ti for wi, ti in zip(w, t))
+    p_geo = F.softmax(t_bar / T, -1)
+    scale = T * T if kd_t2 else 1.0
+    expected = {"mean_probs": scale * (p_bar * (p_bar.log() - log_q)).sum() / 6,
+                "mean_logits": scale * (p_geo * (p_geo.log() - log_q)).sum() / 6}
+    # mean_logits is the normalised weighted geometric mean of the softened probabilities
+    geo = math.prod(F.softmax(ti / T, -1) ** wi for wi, ti in zip(w, t))
+    torch.testing.assert_close(p_geo, geo / geo.sum(-1, keepdim=True))
+    ce = F.cross_entropy(s, labels)
+    for mode, kd in expected.items():
+        ens = Ensemble(teachers, raw, mode=mode)
+        terms = Distiller(student, ens, T, "auto", kd_t2, ["ce", "kd"])(x, labels, {"ce": 0.5, "kd": 2.0})
+        torch.testing.assert_close(terms["kd"], kd.detach())
+        torch.testing.assert_close(terms["ce"], ce.detach())
+        (grad,) = torch.autograd.grad(terms["loss"], s)
+        (want,) = torch.autograd.grad(0.5 * ce + 2.0 * kd, s, retain_graph=True)
+        torch.testing.assert_close(grad, want)
+    assert not torch.allclose(expected["mean_probs"], expected["mean_logits"])  # the two modes differ
+
+
+def test_one_teacher_is_the_single_teacher_path_in_every_mode(seed):
+    teacher = frozen(SMALL, seed)
+    x, labels = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch.manual_seed(seed)
+    backbone = build_model(ModelConfig(STUDENT["name"], STUDENT["kwargs"]), 10, 1)
+    from fitdist.distiller import Student
+
+    student = Student(backbone, [], [])
+    want = Distiller(student, teacher, 3.0, "reference", True, ["ce", "kd"])(x, labels, {"ce": 1.0, "kd": 1.0})
+    from fitdist.losses import kd_loss
+
+    with torch.no_grad():
+        torch.testing.assert_close(want["kd"], kd_loss(backbone(x), teacher.model(x), 3.0), rtol=0, atol=0)
+    for mode in ("mean_probs", "mean_logits", "sample"):
+        got = Distiller(student, Ensemble([teacher], [2.0], mode=mode), 3.0, "reference", True,
+                        ["ce", "kd"])(x, labels, {"ce": 1.0, "kd": 1.0})
+        assert torch.equal(got["loss"], want["loss"]) and torch.equal(got["kd"], want["kd"])
+
+
+# ------------------------------------------------------------------ which teachers a stage runs
+
+
+def count_calls(model: torch.nn.Module) -> collections.Counter:
+    calls = collections.Counter()
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(lambda m, a, o, n=name: calls.update([n]))
+    return calls
+
+
+def test_a_hint_stage_runs_only_the_hint_teacher_up_to_its_hint_layer_and_kd_runs_all(seed):
+    a, b = frozen(SMALL, seed), frozen(OTHER, seed + 1, ["conv2"])
+    calls_a, calls_b = count_calls(a.model), count_calls(b.model)
+    ens = Ensemble([a, b], [1, 1], ["a", "b"], hint_from=[1])
+    x = torch.randn(2, 1, 28, 28)
+    out = ens(x, kd=False, hints=True)
+    assert out.probs is None and out.logits is None and len(out.hints) == 1
+    assert not calls_a  # the KD-only teacher did not run at all
+    # (conv2's own counter hook comes after the tap's, which ends the forward: its first layer counts it)
+    assert calls_b["conv1"] == 1 and calls_b["conv2.0"] == 1 and not calls_b["conv3.0"] and not calls_b["fc"]
+    with torch.no_grad():  # the hint is teacher b's conv2 output
+        feats = {}
+        h = b.model.get_submodule("conv2").register_forward_hook(lambda m, i, o: feats.update(o=o))
+        b.model(x)
+        h.remove()
+    assert torch.equal(out.hints[0], feats["o"])
+    calls_a.clear(), calls_b.clear()
+    out = ens(x, kd=True, hints=True, temperature=2.0)  # a mixed stage: both to their logits, b's hint too
+    assert calls_a["fc"] == 1 and calls_b["fc"] == 1 and out.probs.shape == (2, 10)
+    assert len(out.hints) == 1
+
+
+def test_the_sample_draw_is_reproducible_follows_the_weights_and_differs_by_rank(seed):
+    teachers = [frozen(SMALL, seed + i) for i in range(3)]
+    ens = Ensemble(teachers, [1, 2, 5], mode="sample", seed=seed)
+    draws = [ens.draw(step, micro) for step in range(3000) for micro in range(2)]
+    again = Ensemble(teachers, [1, 2, 5], mode="sample", seed=seed)
+    assert draws == [again.draw(step, micro) for step in range(3000) for micro in range(2)]
+    freq = collections.Counter(draws)
+    for i, w in enumerate([1 / 8, 2 / 8, 5 / 8]):  # 6000 draws: 4 standard deviations < 0.025
+        assert abs(freq[i] / len(draws) - w) < 0.025, freq
+    other_rank = Ensemble(teachers, [1, 2, 5], mode="sample", seed=seed, rank=1)
+    assert draws != [other_rank.draw(step, micro) for step in range(3000) for micro in range(2)]
+    # the target is the drawn teacher's logits, and only that teacher runs
+    calls = [count_calls(t.model) for t in teachers]
+    x = torch.randn(2, 1, 28, 28)
+    out = ens(x, kd=True, hints=False, temperature=3.0, step=7, micro=1)
+    drawn = ens.draw(7, 1)
+    assert [bool(c) for c in calls] == [i == drawn for i in range(3)]
+    with torch.no_grad():
+        assert torch.equal(out.logits, teachers[drawn].model(x))
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_sample_mode_resumes_exactly_and_no_teacher_is_in_a_checkpoint(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "r.yaml", teachers=two_teachers(tmp_path),
+                        hints=[{"student": "conv3", "teacher": "conv2", "from": "b"}],
+                        stages=[{"name": "hint", "steps": 4, "ce": 0, "hint": 1},
+                                {"name": "kd", "steps": 6, "ce": 1, "kd": 1}],
+                        loss={"ensemble": "sample"}, data={"source": "fashion-mnist", "train_subset": 512},
+                        train={"batch_size": 16, "grad_accum": 2, "log_every": 5, "eval_batch_size": 1000,
+                               "threads": 1})
+    overrides = ["deterministic=true", "train.checkpoint_every=3", "run.keep_checkpoints=10"]
+    cfg = load_config(path, overrides)
+    train(cfg)
+    full = (cfg.run_dir / "student.pt").read_bytes()
+    for ckpt in sorted((cfg.run_dir / "checkpoints").iterdir()):  # "kill" it after step 6 (inside stage kd)
+        if int(ckpt.name.split("-")[1]) > 6:
+            shutil.rmtree(ckpt)
+    (cfg.run_dir / "student.pt").unlink()
+    assert train(load_config(path, overrides), resume=True)["steps"] == 10
+    assert (cfg.run_dir / "student.pt").read_bytes() == full
+    # a run that draws other teachers ends elsewhere: the draw matters, and resume reproduced it
+    draw = Ensemble.draw
+    monkeypatch.setattr(Ensemble, "draw", lambda self, step, micro: draw(self, step + 1, micro))
+    other = train(load_config(path, [*overrides, f"run.dir={tmp_path / 'other'}"]))
+    monkeypatch.undo()
+    assert other["steps"] == 10 and (tmp_path / "other" / "student.pt").read_bytes() != full
+    student_keys = set(build_model(ModelConfig(STUDENT["name"], STUDENT["kwargs"]), 10, 1).state_dict())
+    assert set(torch.load(cfg.run_dir / "student.pt", weights_only=True)) == student_keys
+    state = torch.load(cfg.run_dir / "checkpoints" / "step-00000010" / "trainer.pt", weights_only=True)
+    keys = set(state["student"])
+    assert {k for k in keys if not k.startswith("regressors.")} == {f"backbone.{k}" for k in student_keys}
+    assert "teacher" not in str(sorted(k for k in state if k != "config"))
+
+
+@pytest.mark.parametrize("mode", ["mean_probs", "mean_logits"])
+def test_an_ensemble_kd_run_trains(tmp_path, mode):
+    path = write_config(tmp_path / "k.yaml", teachers=two_teachers(tmp_path), loss={"ensemble": mode},
+                        stages=[{"name": "kd", "steps": 3, "ce": 1, "kd": 1}],
+                        data={"source": "fashion-mnist", "train_subset": 256})
+    summary = train(load_config(path))
+    assert summary["steps"] == 3 and summary["val/n"] == 10000
