@@ -748,7 +748,7 @@ def test_bench_losses_smoke(capsys):
 
     assert main(["--small", "--json", "--reps", "2", "--warmup", "1", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [r["case"] for r in report["results"]] == ["hint small", "kd small"]
+    assert [r["case"] for r in report["results"]] == ["hint small", "kd small", "kd target_probs small"]
     assert all(r["ref_ms"] > 0 and r["fused_peak_mib"] >= 0 for r in report["results"])
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitdist.kernels import fused_hint_loss, fused_kd_ce_loss
-from fitdist.losses import hint_loss, kd_loss
+from fitdist.losses import hint_loss, kd_loss, kd_loss_to_target
 from fitdist.regressors import Regressor
 
 # (name, batch, student C×H×W, teacher C×H×W); 1×1 regressors (equal spatial sizes).
@@ -32,8 +32,10 @@ HINT_CASES = [
     ("hint r18->r34 layer1 64x56x56 b32", 32, (64, 56, 56), (64, 56, 56)),
 ]
 KD_CASES = [("kd 256x1000", 256, 1000), ("kd 4096x1000", 4096, 1000)]
+KD_PROBS_CASES = [("kd target_probs 4096x1000", 4096, 1000)]  # KD against a given distribution
 SMALL_HINT = [("hint small", 4, (16, 6, 6), (24, 6, 6))]
 SMALL_KD = [("kd small", 32, 100)]
+SMALL_KD_PROBS = [("kd target_probs small", 32, 100)]
 
 
 @dataclass
@@ -125,6 +127,24 @@ def _kd_fns(batch, classes, device):
     return ref, fused
 
 
+def _kd_probs_fns(batch, classes, device):
+    """KD against a target distribution (e.g. a teacher ensemble's mean) with labels."""
+    s = torch.randn(batch, classes, device=device, requires_grad=True)
+    p = torch.randn(batch, classes, device=device).softmax(-1)
+    y = torch.randint(0, classes, (batch,), device=device)
+    temp = 4.0
+
+    def ref():
+        (F.cross_entropy(s.float(), y) + kd_loss_to_target(s, p, temp)).backward()
+        s.grad = None
+
+    def fused():
+        fused_kd_ce_loss(s, None, y, temp, target_probs=p).loss.backward()
+        s.grad = None
+
+    return ref, fused
+
+
 def run(args) -> list[Result]:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -132,6 +152,8 @@ def run(args) -> list[Result]:
         (n, _hint_fns(b, s, t, device)) for n, b, s, t in (SMALL_HINT if args.small else HINT_CASES)
     ]
     cases += [(n, _kd_fns(b, k, device)) for n, b, k in (SMALL_KD if args.small else KD_CASES)]
+    probs_cases = SMALL_KD_PROBS if args.small else KD_PROBS_CASES
+    cases += [(n, _kd_probs_fns(b, k, device)) for n, b, k in probs_cases]
     results = []
     for name, (ref, fused) in cases:
         ref_ms, fused_ms = median_ms([ref, fused], args.reps, args.warmup, device)
