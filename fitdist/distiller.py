@@ -179,16 +179,5 @@ def kd_ce(s_logits: torch.Tensor, target: Targets, labels: torch.Tensor | None, 
     """ce and KD against the teachers' target: their (one or mean) logits, or mean probabilities."""
     if target.probs is None:
         return kernels.fused_kd_ce_loss(s_logits, target.logits, labels, temperature, ce_w, kd_w, impl=impl)
-    import inspect  # TEMPORARY fallback until fused_kd_ce_loss takes target_probs (remove then)
-
-    if "target_probs" not in inspect.signature(kernels.fused_kd_ce_loss).parameters:
-        t = float(temperature)
-        p = target.probs.float()
-        log_q = F.log_softmax(s_logits.float() / t, dim=-1)
-        kd = (torch.xlogy(p, p) - p * log_q).sum() / s_logits.shape[0] * (t * t)
-        if labels is None:
-            return kernels.KDLoss(kd * kd_w, None, kd.detach())
-        ce = F.cross_entropy(s_logits.float(), labels)
-        return kernels.KDLoss(ce * ce_w + kd * kd_w, ce.detach(), kd.detach())
     return kernels.fused_kd_ce_loss(s_logits, None, labels, temperature, ce_w, kd_w, impl=impl,
                                     target_probs=target.probs)
