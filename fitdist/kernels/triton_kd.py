@@ -6,7 +6,8 @@ and rescaled sum) of s, s/T and t/T; then the per-row KL term and, when a gradie
 `ce_weight (softmax(s) − onehot(y)) / N + kd_weight · T (p_s^T − p_t^T) / N` into the gradient
 row. With PROBS the second input is the target distribution p itself (`target_probs`): the first
 pass sums its row instead of a log-sum-exp of t/T, and the KL is
-`Σ p (log p − (a − m_s)) − log(Σ_s) Σp` (0 · log 0 = 0), with gradient `T (p_s^T Σp − p) / N`.
+`Σ p (log p − (s/T − m_s)) + log(Σ_s) · Σp` (0 · log 0 = 0; m_s and Σ_s the running max and sum
+of s/T's log-sum-exp), with gradient `T (p_s^T Σp − p) / N`.
 It writes per-row ce and kl; the batch sums happen in fp32 with torch. Every value is fp32 in
 registers whatever the logits' dtype. Backward only scales the saved gradient. Imported only when
 Triton is used.
