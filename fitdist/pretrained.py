@@ -157,10 +157,11 @@ def build_pretrained(name: str, weights: str, kwargs: dict, where: str) -> tuple
     return model, classes
 
 
-def input_stats(cfg, in_channels: int) -> tuple[list[float], list[float]] | None:
-    """The normalisation the named weights were trained with (torchvision's transforms meta, timm's
-    pretrained config), or
-    None for a local file or weights trained on another channel count than the data's."""
+def input_spec(cfg, in_channels: int) -> tuple[list[float] | None, list[float] | None, int | None] | None:
+    """`(mean, std, size)` the named weights were trained and evaluated with (torchvision's transforms
+    meta: its crop size; timm's pretrained config: its square input size), or None for a local file.
+    mean/std are None for weights trained on another channel count than the data's (e.g. RGB weights
+    on grey data: the data's own statistics stand); size is None when not square."""
     kind = named_kind(cfg.weights)
     if kind is None:
         return None
@@ -169,12 +170,16 @@ def input_stats(cfg, in_channels: int) -> tuple[list[float], list[float]] | None
 
         timm_cfg = pretrained_cfg(cfg.name.partition(":")[2], cfg.weights, "teacher")
         mean, std = list(timm_cfg.mean or []), list(timm_cfg.std or [])
+        sides = tuple(timm_cfg.input_size or ())[-2:]
     else:
         preset = resolve(cfg.name.partition(":")[2], cfg.weights, "teacher").transforms()
         mean, std = list(getattr(preset, "mean", []) or []), list(getattr(preset, "std", []) or [])
+        sides = tuple(getattr(preset, "crop_size", []) or [])
+        sides = sides * 2 if len(sides) == 1 else sides
+    size = sides[0] if len(sides) == 2 and sides[0] == sides[1] else None
     if len(mean) != in_channels or len(std) != in_channels:
-        return None  # e.g. RGB weights on grey data: the data's own statistics stand
-    return mean, std
+        return None, None, size
+    return mean, std, size
 
 
 def reset_head(model: nn.Module, old_classes: int, num_classes: int, where: str) -> str:

@@ -94,6 +94,25 @@ def test_one_channel_data_sums_the_rgb_stem(hub):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
+def test_a_named_teacher_sees_its_weights_crop_size_and_statistics(hub):
+    from test_teacher_input import bundle
+
+    from fitdist.build import build_teacher
+    from fitdist.config import Config, TeacherConfig
+
+    fill("squeezenet1_1", "DEFAULT", seed=4)  # torchvision's preset: crop 224, ImageNet mean/std
+    cfg = Config(teacher=TeacherConfig("torchvision:squeezenet1_1", weights="torchvision:DEFAULT"))
+    teacher = build_teacher(cfg, bundle(3, 64, [0.5] * 3, [0.25] * 3, 1000))
+    seen = []
+    teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    u = torch.randint(0, 256, (2, 3, 64, 64)).float()
+    teacher((u / 255 - 0.5) / 0.25)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    want = torch.nn.functional.interpolate((u / 255 - mean) / std, size=(224, 224), mode="bilinear", align_corners=False)
+    assert seen[0].shape == (2, 3, 224, 224)
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-5)
+
+
 def test_bad_names_and_a_missing_file_offline(hub):
     with pytest.raises(UserError, match="ResNet50_Weights are not resnet34's weights; its weights are ResNet34_Weights"):
         build_model(ModelConfig("torchvision:resnet34", weights="torchvision:ResNet50_Weights.DEFAULT"), 1000, 3)

@@ -12,7 +12,7 @@ from test_teacher_input import bundle
 timm = pytest.importorskip("timm")
 
 from fitdist.build import build_student, build_teacher
-from fitdist.config import Config, HintConfig, ModelConfig, TeacherConfig
+from fitdist.config import Config, HintConfig, ModelConfig, TeacherConfig, TeacherInputConfig
 from fitdist.distiller import FrozenTeacher
 from fitdist.errors import UserError
 from fitdist.models import build_model
@@ -79,6 +79,14 @@ def test_teacher_input_defaults_to_the_pretrained_cfg(tmp_path):
     teacher_cfg = TeacherConfig("timm:test_convnext", overlay(path), weights="timm")
     teacher = build_teacher(Config(teacher=teacher_cfg), bundle(3, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 1000))
     assert teacher.input_map.t_mean.flatten().tolist() == [0.5] * 3 and teacher.input_map.t_std.flatten().tolist() == [0.5] * 3
+    seen = []
+    teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    teacher(torch.randn(2, 3, 32, 32))
+    assert teacher.input_map.size == 160 and seen == [(2, 3, 160, 160)]  # the pretrained cfg's input_size
+    for declared, want in ((96, 96), (32, None)):  # a declared size wins; the data's own means no resize
+        cfg = dataclasses.replace(teacher_cfg, input=TeacherInputConfig(size=declared))
+        input_map = build_teacher(Config(teacher=cfg), bundle(3, 32, [0.5] * 3, [0.5] * 3, 1000)).input_map
+        assert getattr(input_map, "size", None) == want  # None: same statistics and size, no map at all
 
 
 def test_a_bad_tag_and_an_empty_cache_offline_are_one_line_errors(tmp_path, monkeypatch):
