@@ -51,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="accepted and ignored (train's flags pass through)")
     c.add_argument("--dry-run", action="store_true", help="accepted and ignored")
     e = sub.add_parser("eval", help="top-1/top-5 of a run or a student.pt on the test split, as one JSON line")
-    e.add_argument("path", help="run directory, checkpoint directory or student.pt inside a run")
+    e.add_argument("path", help="run directory, checkpoint directory or student.pt inside a run (with --teachers: a "
+                                "config or run directory naming teachers)")
+    e.add_argument("--teachers", action="store_true",
+                   help="evaluate the config's teachers, each and as their ensemble (weighted mean of probabilities)")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
     q = sub.add_parser("quickstart", help="teacher, then FitNets / KD / scratch students on Fashion-MNIST")
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default runs/quickstart)")
@@ -149,6 +152,11 @@ def _dispatch(argv: list[str]) -> int:
             print(json.dumps(dry_run(cfg)))
         else:
             train(cfg, resume=args.resume)
+        return 0
+    if args.command == "eval" and args.teachers:
+        from fitdist.evaluate_ensemble import evaluate_teachers
+
+        print(json.dumps(evaluate_teachers(args.path, args.overrides)))
         return 0
     if args.command == "eval":
         from fitdist.evaluate_run import evaluate_run

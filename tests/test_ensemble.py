@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import STUDENT, write_config
+from conftest import STUDENT, run_cli, write_config
 
 from fitdist.config import ModelConfig, load_config
 from fitdist.distiller import Distiller, FrozenTeacher
@@ -249,3 +249,44 @@ def test_an_ensemble_kd_run_trains(tmp_path, mode):
                         data={"source": "fashion-mnist", "train_subset": 256})
     summary = train(load_config(path))
     assert summary["steps"] == 3 and summary["val/n"] == 10000
+
+
+# ------------------------------------------------------------------ fitdist eval --teachers
+
+
+def test_eval_teachers_reports_each_member_and_the_weighted_mean_probs_ensemble(tmp_path):
+    import json
+
+    from fitdist.build import build_teachers
+    from fitdist.data import build_data
+
+    teachers = two_teachers(tmp_path)  # fp32: bf16 logits of random teachers tie, and ties break by kernel
+    path = write_config(tmp_path / "ev.yaml", teachers=teachers, stages=[{"name": "kd", "steps": 1, "kd": 1}])
+    result = run_cli("eval", path, "--teachers", "train.eval_batch_size=2500")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    # by hand: every test image through each teacher, the weights 1 and 3 normalised
+    cfg = load_config(path)
+    data = build_data(cfg.data, 1, 2500, cfg.seed, 0, 1)
+    ens = build_teachers(cfg, data)
+    hits, n = torch.zeros(3, 2), 0
+    with torch.no_grad():
+        for images, labels in data.val_batches():
+            x = data.to_device(images, torch.device("cpu"))
+            logits = [t(x)[0].float() for t in ens.teachers]
+            mean = 0.25 * logits[0].softmax(-1) + 0.75 * logits[1].softmax(-1)
+            for i, scores in enumerate([*logits, mean]):
+                ranked = scores.argsort(-1, descending=True)
+                hits[i, 0] += (ranked[:, 0] == labels).sum()
+                hits[i, 1] += (ranked[:, :5] == labels[:, None]).any(-1).sum()
+            n += len(labels)
+    assert got["n"] == n == 10000
+    for i, tid in enumerate(["a", "b"]):
+        assert got["teachers"][tid]["top1"] == pytest.approx(100 * hits[i, 0].item() / n)
+        assert got["teachers"][tid]["top5"] == pytest.approx(100 * hits[i, 1].item() / n)
+    assert [got["teachers"][t]["weight"] for t in "ab"] == [0.25, 0.75]
+    assert got["ensemble"]["top1"] == pytest.approx(100 * hits[2, 0].item() / n)
+    assert got["ensemble"]["top5"] == pytest.approx(100 * hits[2, 1].item() / n)
+    assert got["ensemble"]["top1"] not in (got["teachers"]["a"]["top1"], got["teachers"]["b"]["top1"])
+    bad = run_cli("eval", write_config(tmp_path / "none.yaml"), "--teachers")
+    assert bad.returncode == 2 and "has no teacher" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
