@@ -40,10 +40,10 @@ class DataBundle:
 
 def build_data(cfg: DataConfig, micro_batch: int, eval_batch: int, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
     """The bundle for `cfg`; `micro_batch` and `eval_batch` are per rank."""
-    if cfg.source == "fashion-mnist":
-        return _fashion_mnist(cfg, micro_batch, eval_batch, seed, rank, world)
     if cfg.soft_labels and cfg.source != "webdataset":
         raise UserError(f"data.soft_labels: stored soft labels need data.source: webdataset, not {cfg.source!r}")
+    if cfg.source == "fashion-mnist":
+        return _fashion_mnist(cfg, micro_batch, eval_batch, seed, rank, world)
     if cfg.source == "webdataset":
         from fitdist.data.wds import build_webdataset
 

@@ -46,8 +46,13 @@ from fitdist.data.wds import _resolve, train_transform
 from fitdist.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and status 2, like every other bad input
+        raise UserError(f"{self.prog}: {message}")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fitdist label", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="fitdist label", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="YAML config file (its teacher, data and loss.temperature)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
     p.add_argument("--views", type=int, default=10, help="augmented views stored per image, R (default 10)")
@@ -59,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may follow the flags
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     cfg = load_config(args.config, args.overrides)
