@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fitdist.config import OptimConfig, StrategyConfig, TrainConfig
 from fitdist.dist import DistEnv
+from fitdist.max_norm import apply_max_norm
 from fitdist.precision import autocast
 from fitdist.schedule import build_optimizer, build_scheduler
 
@@ -79,6 +80,10 @@ class Strategy:
         self.scaler.update()  # fp16: from the overflow check of `unscale_`; no-op otherwise
         optimizer.zero_grad(set_to_none=True)
         return norm.detach(), finite
+
+    def constrain(self, optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], max_norm: float) -> None:
+        """`optim.max_norm` after a step: the weights the optimizer steps are the module's own here."""
+        apply_max_norm(weights, max_norm)
 
     # ---------------------------------------------------------------- stage and checkpoint hooks
     def optimizer_state(self, optimizer: torch.optim.Optimizer, run_dir: Path, global_step: int) -> dict:

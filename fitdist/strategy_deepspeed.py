@@ -47,6 +47,7 @@ from fitdist import dist
 from fitdist.config import OptimConfig, StrategyConfig, TrainConfig
 from fitdist.dist import DistEnv
 from fitdist.errors import UserError
+from fitdist.max_norm import apply_max_norm
 from fitdist.schedule import build_optimizer, build_scheduler
 from fitdist.strategy import Strategy
 from fitdist.versions import check_versions
@@ -138,6 +139,12 @@ class DeepSpeedStrategy(Strategy):
             # feeds batch_norm fp32: the first forward would fail inside torch (not tried on CUDA)
             raise UserError(f"train.precision: {self.precision} with strategy.kind=deepspeed on the CPU cannot run "
                             "a student with BatchNorm; use train.precision=fp32 there")
+        if optim.max_norm and (self.zero_stage == 3 or self.precision != "fp32"):
+            # the clip is applied to the module's whole weights and copied into ZeRO-1/2's fp32 master
+            # partitions: ZeRO-3 has no whole weights, and a bf16/fp16 module copy would round the master
+            raise dist.every_rank(UserError(
+                f"optim.max_norm: not available under DeepSpeed with ZeRO-3 or train.precision bf16/fp16 (got ZeRO "
+                f"{self.zero_stage}, {self.precision}); use ZeRO 0-2 with fp32, or strategy.kind=ddp"))
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optim, lr)
         # The schedule acts on the torch optimizer's parameter groups, which DeepSpeed's ZeRO
@@ -182,6 +189,15 @@ class DeepSpeedStrategy(Strategy):
             norm = torch.as_tensor(math.nan if got is None else got, dtype=torch.float32, device=self.env.device)
         applied = torch.tensor(engine.was_step_applied(), device=norm.device)
         return norm, torch.isfinite(norm) & applied
+
+    def constrain(self, optimizer, weights: list[torch.Tensor], max_norm: float) -> None:
+        """`optim.max_norm` on the module's weights (whole on every rank under ZeRO 0-2), then, under
+        ZeRO-1/2, the same values into this rank's fp32 master partition (an exact copy in fp32, the
+        only precision `prepare` allows here): the next step starts from the clipped weights."""
+        apply_max_norm(weights, max_norm)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     # ---------------------------------------------------------------- checkpoints
     def optimizer_state(self, optimizer, run_dir: Path, global_step: int) -> dict:
