@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fitdist import pretrained
-from fitdist.config import Config
+from fitdist.config import Config, hint_teacher, teacher_key, teacher_list
 from fitdist.errors import UserError
 
 PLACEHOLDER_CLASSES = 10  # class count for meta builds when the data would tell (shards' manifest)
@@ -46,8 +46,9 @@ def model_checks(cfg: Config) -> None:
     classes = cfg.data.num_classes or PLACEHOLDER_CLASSES
     channels = 1 if cfg.data.source == "fashion-mnist" else 3
     models = [("student", cfg.student, [h.student for h in cfg.hints])]
-    if cfg.teacher is not None:
-        models.append(("teacher", cfg.teacher, [h.teacher for h in cfg.hints]))
+    for i, spec in enumerate(teacher_list(cfg)):  # each teacher with the hint layers it serves
+        paths = [h.teacher for j, h in enumerate(cfg.hints) if hint_teacher(cfg, j) == i]
+        models.append((teacher_key(cfg, i), spec, paths))
     for where, model_cfg, paths in models:
         model = _meta_model(where, model_cfg, classes, channels)
         if model is None:
@@ -82,24 +83,25 @@ def _meta_model(where: str, model_cfg, classes: int, channels: int) -> torch.nn.
 def file_checks(cfg: Config) -> None:
     """Files the run needs at its start, checked on this machine (not inside ranks: a node-local
     path can exist on one node and not another, and each rank must then say so itself)."""
-    if cfg.teacher is not None:
-        if not cfg.teacher.weights:
-            raise UserError("teacher.weights: a teacher needs trained weights: a file (a run's student.pt) "
+    for i, spec in enumerate(teacher_list(cfg)):
+        key = teacher_key(cfg, i)  # `teacher`, or `teachers.N` in an ensemble
+        if not spec.weights:
+            raise UserError(f"{key}.weights: a teacher needs trained weights: a file (a run's student.pt) "
                             "or torchvision pretrained weights by name (torchvision:DEFAULT)")
-        named = pretrained.named_kind(cfg.teacher.weights)
+        named = pretrained.named_kind(spec.weights)
         if named is not None:  # the name must resolve; the file may yet be fetched
-            kind, _, name = cfg.teacher.name.partition(":")
+            kind, _, name = spec.name.partition(":")
             if kind != named:
-                raise UserError(f"teacher.weights: {cfg.teacher.weights} names {named} weights but "
-                                f"teacher.name is {cfg.teacher.name}")
+                raise UserError(f"{key}.weights: {spec.weights} names {named} weights but "
+                                f"{key}.name is {spec.name}")
             if named == "timm":
                 from fitdist.timm_models import pretrained_cfg
 
-                pretrained_cfg(name, cfg.teacher.weights, "teacher")
+                pretrained_cfg(name, spec.weights, key)
             else:
-                pretrained.resolve(name, cfg.teacher.weights, "teacher")
-        elif not Path(cfg.teacher.weights).is_file():
-            raise UserError(f"teacher.weights: file not found: {cfg.teacher.weights}")
+                pretrained.resolve(name, spec.weights, key)
+        elif not Path(spec.weights).is_file():
+            raise UserError(f"{key}.weights: file not found: {spec.weights}")
     ds = cfg.strategy.deepspeed_config
     if cfg.strategy.kind == "deepspeed" and ds and not Path(ds).is_file():
         raise UserError(f"strategy.deepspeed_config: file not found: {ds}")

@@ -290,3 +290,17 @@ def test_eval_teachers_reports_each_member_and_the_weighted_mean_probs_ensemble(
     assert got["ensemble"]["top1"] not in (got["teachers"]["a"]["top1"], got["teachers"]["b"]["top1"])
     bad = run_cli("eval", write_config(tmp_path / "none.yaml"), "--teachers")
     assert bad.returncode == 2 and "has no teacher" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_check_names_the_ensemble_member_at_fault(tmp_path):
+    from fitdist.check import check
+
+    teachers = two_teachers(tmp_path)
+    good = write_config(tmp_path / "ok.yaml", teachers=teachers,
+                        hints=[{"student": "conv3", "teacher": "conv2", "from": "b"}])
+    assert check(load_config(good)).startswith("config OK")
+    with pytest.raises(UserError, match=r"^teachers.1.weights: file not found: .*nope.pt$"):
+        check(load_config(good, [f"teachers.1.weights={tmp_path / 'nope.pt'}"]))
+    with pytest.raises(UserError, match=r"^teachers.1 hint: no module 'conv9'"):
+        check(load_config(good, ["hints.0.teacher=conv9"]))
+    assert check(load_config(good, ["hints.0.from=a"])).startswith("config OK")  # a's layers are named alike
