@@ -67,8 +67,9 @@ def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: F
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         student.train()
         with autocast():
-            soft = _probe_soft(student, x) if teacher is None and "kd" in terms else None  # stored labels' stand-in
-            distiller = Distiller(student, teacher, cfg.loss.temperature, impl, cfg.loss.kd_t2, terms, soft is not None)
+            stored = bool(cfg.data.soft_labels) and "kd" in terms  # as training: kd reads the stored labels
+            soft = _probe_soft(student, x) if stored else None  # their stand-in
+            distiller = Distiller(student, teacher, cfg.loss.temperature, impl, cfg.loss.kd_t2, terms, stored)
             loss = distiller(x, labels, weights, soft=soft)["loss"]
         if loss.requires_grad:
             (backward or torch.Tensor.backward)(loss)
@@ -80,8 +81,8 @@ def probe_backward(cfg: Config, stage: StageConfig, student: Student, teacher: F
 
 
 def _probe_soft(student: Student, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniform top-1 target (index 0, probability 1/C) in place of the stored soft labels a
-    teacherless KD stage (`data.soft_labels`) reads: the probe only needs what the loss reaches."""
+    """A uniform top-1 target (index 0, probability 1/C) in place of the stored soft labels a KD
+    stage reads (`data.soft_labels`): the probe only needs what the loss reaches, not the teacher."""
     with torch.no_grad():
         classes = student(x)[0].shape[-1]
     return (torch.zeros(len(x), 1, dtype=torch.long, device=x.device),
