@@ -40,14 +40,42 @@ def check_fraction(factory: str, name: str, value: Any) -> float:
     return float(value)
 
 
-def init_weights(model: nn.Module) -> None:
-    """He init (fan_out) for convs, BN as identity: the init RepDistiller's CIFAR models use.
+INITS = "'kaiming', 'glorot_uniform' or 'uniform:A' (A > 0, e.g. 'uniform:0.05')"
 
-    Linear layers keep PyTorch's default init, as RepDistiller's ResNets and WRNs do.
+
+def parse_init(factory: str, init: Any) -> tuple[str, float]:
+    """`init` as `(kind, bound)`: ("kaiming", 0), ("glorot_uniform", 0) or ("uniform", A)."""
+    if init in ("kaiming", "glorot_uniform"):
+        return init, 0.0
+    if isinstance(init, str) and init.startswith("uniform:"):
+        try:
+            bound = float(init.removeprefix("uniform:"))
+        except ValueError:
+            bound = float("nan")
+        if bound > 0 and bound != float("inf"):
+            return "uniform", bound
+    raise ZooArgumentError(f"{factory}: init must be {INITS}, got {init!r}")
+
+
+def init_weights(model: nn.Module, init: str = "kaiming", factory: str = "model") -> None:
+    """Weight init of the zoo's models; BatchNorm as identity in every case.
+
+    - `kaiming` (default): He init (fan_out) for convs, Linear layers left at PyTorch's default,
+      the init RepDistiller's CIFAR models use;
+    - `glorot_uniform`: every Conv/Linear weight U(±sqrt(6/(fan_in + fan_out))), a conv's fans
+      being its in / out channels × kh·kw (Glorot & Bengio 2010); biases zero;
+    - `uniform:A`: every Conv/Linear weight U(±A), biases zero: pylearn2's `irange`, which the
+      maxout and FitNets CIFAR-10 yamls use.
     """
+    kind, bound = parse_init(factory, init)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if isinstance(m, nn.Conv2d | nn.Linear) and (kind != "kaiming" or isinstance(m, nn.Conv2d)):
+            if kind == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif kind == "glorot_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.uniform_(m.weight, -bound, bound)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):

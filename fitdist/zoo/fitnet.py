@@ -25,8 +25,12 @@ Paper models (appendix, CIFAR-10; the official FitNet-19 yaml in adri-romsor/Fit
 
 ("|" is a 2×2 max-pool; the final 8×8 max-pool over an 8×8 map is a global max-pool here, so any
 input size works.) These are faithful by default: maxout units with 2 pieces, no BatchNorm, global
-max pooling. Pass `batch_norm=True` for easier from-scratch training, or `maxout_pieces=1` for a
-ReLU variant (conv parameters halve).
+max pooling. Pass `batch_norm=True` for easier from-scratch training, or `unit="relu"`
+(`maxout_pieces=1`) for a ReLU variant (conv parameters halve).
+
+`fitnet` and the paper students take `unit="relu" | "maxout:K"` (the activation of every conv
+layer, and of `hidden` unless `hidden_pieces` says otherwise) and `init="kaiming"` (default) |
+`"glorot_uniform"` | `"uniform:A"` (pylearn2's `irange`, U(±A); see `_common.init_weights`).
 
 Parameter counts: the paper's (~250K, ~862K, ~1.6M, ~2.5M; teacher ~9M) are reproduced by
 counting the maxout FC layer with 2 pieces (FitNet 2 gives 861,928 weights exactly, teacher
@@ -55,6 +59,7 @@ from fitdist.zoo._common import (
     check_fraction,
     check_positive_int,
     init_weights,
+    parse_init,
     reject_unknown,
 )
 
@@ -105,11 +110,15 @@ class FitNet(nn.Sequential):
         batch_norm: bool = True,
         hidden: int = 0,
         dropout: float = 0.0,
-        maxout_pieces: int = 1,
+        maxout_pieces: int | None = None,
         hidden_pieces: int | None = None,
         global_pool: str = "avg",
         name: str = "fitnet",
+        unit: str | None = None,
+        init: str = "kaiming",
     ):
+        maxout_pieces = _pieces(name, unit, maxout_pieces)
+        parse_init(name, init)  # a bad init fails before any layer is built
         widths, pool_after = _check_fitnet_args(
             name, widths, pool_after, hidden, dropout, maxout_pieces, global_pool
         )
@@ -140,7 +149,25 @@ class FitNet(nn.Sequential):
             layers["dropout"] = nn.Dropout(dropout)
         layers["fc"] = nn.Linear(cin, num_classes)
         super().__init__(layers)
-        init_weights(self)
+        init_weights(self, init, name)
+
+
+def _pieces(name: str, unit: Any, maxout_pieces: Any) -> int:
+    """Maxout pieces per unit from `unit` ("relu" | "maxout:K", K >= 2) and the older
+    `maxout_pieces` (1 = ReLU); given both, they must agree. Neither: ReLU."""
+    if unit is None:
+        return 1 if maxout_pieces is None else maxout_pieces
+    pieces = None
+    if unit == "relu":
+        pieces = 1
+    elif isinstance(unit, str) and unit.startswith("maxout:"):
+        k = unit.removeprefix("maxout:")
+        pieces = int(k) if k.isdigit() and int(k) >= 2 else None
+    if pieces is None:
+        raise ZooArgumentError(f"{name}: unit must be 'relu' or 'maxout:K' with K >= 2 pieces, got {unit!r}")
+    if maxout_pieces is not None and maxout_pieces != pieces:
+        raise ZooArgumentError(f"{name}: unit {unit!r} and maxout_pieces={maxout_pieces!r} disagree; give unit alone")
+    return pieces
 
 
 def _check_fitnet_args(
@@ -186,6 +213,8 @@ _FITNET_KWARGS = (
     "maxout_pieces",
     "hidden_pieces",
     "global_pool",
+    "unit",
+    "init",
 )
 
 
@@ -193,8 +222,10 @@ def fitnet(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Mod
     """Configurable thin deep CNN (module doc). Defaults: FitNet 1's widths with BN, ReLU, GAP.
 
     Keywords: widths, pool_after (1-based layer numbers), batch_norm=True, hidden=0,
-    dropout=0.0, maxout_pieces=1 (1 = ReLU), hidden_pieces (default: maxout_pieces),
-    global_pool="avg" | "max".
+    dropout=0.0, unit="relu" | "maxout:K" (K >= 2 pieces per unit; the older maxout_pieces=K,
+    1 = ReLU, still works and must agree with unit when both are given), hidden_pieces (default:
+    the conv layers' pieces), global_pool="avg" | "max", init="kaiming" | "glorot_uniform" |
+    "uniform:A" (see `fitdist.zoo._common.init_weights`).
     """
     reject_unknown("fitnet", kwargs, _FITNET_KWARGS)
     return FitNet(num_classes, in_channels, **kwargs)
@@ -202,12 +233,12 @@ def fitnet(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Mod
 
 def _paper_factory(name: str) -> Callable[..., nn.Module]:
     widths, pool_after = PAPER_FITNETS[name]
-    options = ("batch_norm", "dropout", "maxout_pieces", "hidden_pieces")
+    options = ("batch_norm", "dropout", "maxout_pieces", "hidden_pieces", "unit", "init")
 
     def factory(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
         reject_unknown(name, kwargs, options)
         # hidden_pieces left unset follows maxout_pieces: 2 (the paper), or 1 for a ReLU variant.
-        paper = {"batch_norm": False, "dropout": 0.0, "maxout_pieces": 2}
+        paper = {"batch_norm": False, "dropout": 0.0, "maxout_pieces": None if "unit" in kwargs else 2}
         paper.update(kwargs)
         return FitNet(
             num_classes,
