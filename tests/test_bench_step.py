@@ -18,7 +18,7 @@ def test_small_run_structure_and_hand_counted_flops(capsys):
     assert torch.get_num_threads() == threads  # the caller's thread count is restored
     res = json.loads(capsys.readouterr().out)
 
-    assert set(res) == {"meta", "flops", "steps", "ratios", "memory_mib", "rss_mib"}
+    assert set(res) == {"meta", "flops", "steps", "ensemble", "ratios", "memory_mib", "rss_mib"}
     assert list(res["steps"]) == list(bench_step.VARIANTS)
     for s in res["steps"].values():
         assert s["median_ms"] > 0 and s["over_student"] > 0
@@ -44,6 +44,15 @@ def test_small_run_structure_and_hand_counted_flops(capsys):
         "teacher_to_hint": b * teacher_to_hint,
         "regressor": b * regressor,
     }
+
+    # KD with 1, 2, 3 teachers: each member a forward of the teacher's cost in the FLOP model; the
+    # members have weights of their own, so the ensemble's first loss is not the lone teacher's
+    for k, e in res["ensemble"].items():
+        assert abs(e["r_FLOP"] - (3 * student + int(k) * teacher) / (3 * student)) < 1e-3
+        assert e["over_student"] == res["steps"][e["variant"]]["over_student"] > 0
+    assert [e["variant"] for e in res["ensemble"].values()] == ["kd", "kd_2t", "kd_3t"]
+    losses = [res["steps"][v]["first_loss"] for v in ("kd", "kd_2t", "kd_3t")]
+    assert len(set(losses)) == 3, losses
 
     ra = res["ratios"]
     assert abs(ra["r_FLOP"] - (3 * student + teacher) / (3 * student)) < 1e-3

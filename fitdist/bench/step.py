@@ -15,7 +15,10 @@ shared machine hits all of them alike; the figure is the median over `--steps` r
 - `hint_kd`: CE + KD + hint (full teacher forward, student with its regressor);
 - `stage1`: FitNets stage 1, hint loss only, both forwards cut after the hint layers;
 - `stage1_full`: the same loss and trainable parameters, both networks run to their logits
-  (the taps called with `stop_early=False`: the cost truncation saves).
+  (the taps called with `stop_early=False`: the cost truncation saves);
+- `kd_2t`, `kd_3t`: the `kd` step with an ensemble of 2 and 3 teachers of the teacher's
+  architecture (`loss.ensemble: mean_probs`, fitdist/ensemble.py), each with weights of its own.
+  Their FLOP model: `(3·F_student + n·F_teacher) / (3·F_student)` (the `ensemble` rows).
 
 FLOPs are forward FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and
 convolutions, 2 per multiply-add; BatchNorm, ReLU, pooling and losses are not counted).
@@ -63,18 +66,22 @@ from fitdist.config import (
 )
 from fitdist.dist import DistEnv
 from fitdist.distiller import Distiller, FrozenTeacher
+from fitdist.ensemble import Ensemble
 from fitdist.kernels import fused_hint_loss
 from fitdist.models import build_model
 from fitdist.stage import set_trainable
 from fitdist.strategy import build_strategy
 
-VARIANTS = ("student", "kd", "hint_kd", "stage1", "stage1_full")
+VARIANTS = ("student", "kd", "hint_kd", "stage1", "stage1_full", "kd_2t", "kd_3t")
+ENSEMBLES = {"kd": 1, "kd_2t": 2, "kd_3t": 3}  # KD variants by their number of teachers
 WEIGHTS = {
     "student": {"ce": 1.0},
     "kd": {"ce": 1.0, "kd": 1.0},
     "hint_kd": {"ce": 1.0, "kd": 1.0, "hint": 1.0},
     "stage1": {"hint": 1.0},
     "stage1_full": {"hint": 1.0},
+    "kd_2t": {"ce": 1.0, "kd": 1.0},
+    "kd_3t": {"ce": 1.0, "kd": 1.0},
 }
 MiB = 2**20
 
@@ -96,12 +103,19 @@ def setup_config(small: bool, classes: int) -> tuple[Config, SimpleNamespace, in
     return cfg, data, batch
 
 
-def make_teacher(cfg: Config, data) -> FrozenTeacher:
+def make_teacher(cfg: Config, data, seed: int = 1, hints: bool = True) -> FrozenTeacher:
     """`build_teacher` without its weights file: random weights cost the same to run."""
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = build_model(cfg.teacher, data.num_classes, data.in_channels, where="teacher")
-    teacher = FrozenTeacher(model, [h.teacher for h in cfg.hints], cfg.teacher.precision, cfg.teacher.channels_last)
+    paths = [h.teacher for h in cfg.hints] if hints else []
+    teacher = FrozenTeacher(model, paths, cfg.teacher.precision, cfg.teacher.channels_last)
     return teacher.place(torch.device("cpu"))  # as a run places it: layout and precision cast once
+
+
+def make_ensemble(cfg: Config, data, first: FrozenTeacher, n: int) -> Ensemble:
+    """`first` and n − 1 more teachers of its architecture (weights of their own), mean_probs."""
+    return Ensemble([first, *(make_teacher(cfg, data, seed=1 + i, hints=False) for i in range(1, n))],
+                    hint_from=[0] * len(cfg.hints))
 
 
 @dataclass
@@ -279,7 +293,8 @@ def run(args) -> dict:
     cfg, data, batch = setup_config(args.small, args.classes)
     load_before = os.getloadavg()
     teacher = make_teacher(cfg, data)
-    variants = {n: make_variant(n, cfg, data, teacher, batch) for n in VARIANTS}
+    teachers = {name: make_ensemble(cfg, data, teacher, n) if n > 1 else teacher for name, n in ENSEMBLES.items()}
+    variants = {n: make_variant(n, cfg, data, teachers.get(n, teacher), batch) for n in VARIANTS}
     fl = flops(variants, teacher, data, batch)
     time_variants(list(variants.values()), args.steps, args.warmup)
     med = {n: statistics.median(v.times_ms) for n, v in variants.items()}
@@ -319,6 +334,11 @@ def run(args) -> dict:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
     }
+    ensemble = {  # the KD step with 1, 2, 3 teachers against the student-only step, and the FLOP model's
+        str(k): {"variant": name, "median_ms": round(med[name], 3), "over_student": round(med[name] / med["student"], 3),
+                 "r_FLOP": round((3 * fl["student"] + k * fl["teacher"]) / (3 * fl["student"]), 4)}
+        for name, k in ENSEMBLES.items()
+    }
     results = {
         n: {
             "median_ms": round(med[n], 3),
@@ -335,6 +355,7 @@ def run(args) -> dict:
         "meta": meta,
         "flops": fl,
         "steps": results,
+        "ensemble": ensemble,
         "ratios": rnd(ratios),
         "memory_mib": rnd(mem),
         "rss_mib": rnd(proc),
@@ -352,6 +373,8 @@ def print_table(res: dict) -> None:
     print(f"{'variant':14} {'median ms':>10} {'x student':>10} {'first loss':>11}")
     for n, s in res["steps"].items():
         print(f"{n:14} {s['median_ms']:10.1f} {s['over_student']:10.3f} {s['first_loss']:11.4f}")
+    print("KD with n teachers (mean_probs): " + ", ".join(
+        f"{k}: {e['over_student']:.3f}x student (FLOP model {e['r_FLOP']:.3f})" for k, e in res["ensemble"].items()))
     print("forward GFLOP per batch: " + ", ".join(f"{k} {v / 1e9:.4g}" for k, v in fl.items()))
     verdict = {True: "met", False: "MISSED"}
     print(
