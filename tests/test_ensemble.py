@@ -304,3 +304,26 @@ def test_check_names_the_ensemble_member_at_fault(tmp_path):
     with pytest.raises(UserError, match=r"^teachers.1 hint: no module 'conv9'"):
         check(load_config(good, ["hints.0.teacher=conv9"]))
     assert check(load_config(good, ["hints.0.from=a"])).startswith("config OK")  # a's layers are named alike
+
+
+def test_dry_run_lists_each_teacher_its_macs_and_the_stages_that_run_it(tmp_path):
+    from fitdist.dryrun import dry_run
+    from fitdist.models import count_macs
+
+    teachers = two_teachers(tmp_path)
+    teachers[0]["weights"] = str(tmp_path / "not-yet.pt")  # a teacher still to be trained: random weights
+    path = write_config(tmp_path / "d.yaml", teachers=teachers,
+                        hints=[{"student": "conv3", "teacher": "conv3", "from": "b"}],
+                        stages=[{"name": "hint", "steps": 2, "ce": 0, "hint": 1},
+                                {"name": "kd", "steps": 2, "ce": 1, "kd": 1}, {"name": "ce", "steps": 1}])
+    out = dry_run(load_config(path))
+    listed = {t["id"]: t for t in out["teachers"]}
+    assert list(listed) == ["a", "b"] and out["ensemble"] == "mean_probs"
+    assert listed["a"]["stages"] == ["kd"] and listed["b"]["stages"] == ["hint", "kd"]
+    assert listed["a"]["weight"] == 0.25 and listed["b"]["weight"] == 0.75
+    assert listed["a"]["weights"].startswith("random") and listed["b"]["weights"].startswith("loaded")
+    for spec, t in zip((SMALL, OTHER), out["teachers"]):
+        model = build_model(ModelConfig(spec["name"], spec["kwargs"]), 10, 1)
+        assert t["macs"] == count_macs(model, torch.randn(1, 1, 28, 28)) and t["name"] == spec["name"]
+    assert out["teacher"]["macs"] == listed["a"]["macs"]
+    assert out["hints"][0]["teacher_shape"] == [8, 7, 7]  # b's conv3 (widths 4, 8, 8), not a's (8, 8, 16)
