@@ -54,7 +54,13 @@ def test_small_run_structure_and_hand_counted_flops(capsys):
     losses = [res["steps"][v]["first_loss"] for v in ("kd", "kd_2t", "kd_3t")]
     assert len(set(losses)) == 3, losses
 
+    # KD from the stored top-10 (all 10 classes, fp16) starts where online KD does, to fp16 rounding
+    stored, online = res["steps"]["kd_stored"]["first_loss"], res["steps"]["kd"]["first_loss"]
+    assert stored != online and abs(stored - online) < 5e-3 * online
+
     ra = res["ratios"]
+    assert isinstance(ra["kd_stored_target_met"], bool)
+    assert abs(ra["kd_stored_over_student"] - res["steps"]["kd_stored"]["over_student"]) < 1e-3
     assert abs(ra["r_FLOP"] - (3 * student + teacher) / (3 * student)) < 1e-3
     assert abs(ra["r_KD"] - res["steps"]["hint_kd"]["over_student"]) < 1e-2
     assert isinstance(ra["r_KD_target_met"], bool) and isinstance(

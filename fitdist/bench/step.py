@@ -19,6 +19,9 @@ shared machine hits all of them alike; the figure is the median over `--steps` r
 - `kd_2t`, `kd_3t`: the `kd` step with an ensemble of 2 and 3 teachers of the teacher's
   architecture (`loss.ensemble: mean_probs`, fitdist/ensemble.py), each with weights of its own.
   Their FLOP model: `(3·F_student + n·F_teacher) / (3·F_student)` (the `ensemble` rows).
+- `kd_stored`: the `kd` step from stored soft labels (`data.soft_labels`, `fitdist label`): the
+  teacher's top-10 at T of this batch, fp16, made dense on the device every step (FKD's
+  renormalisation); no teacher runs (target: ≤ 1.05× `student`; online KD costs ≈ r_FLOP).
 
 FLOPs are forward FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and
 convolutions, 2 per multiply-add; BatchNorm, ReLU, pooling and losses are not counted).
@@ -72,7 +75,8 @@ from fitdist.models import build_model
 from fitdist.stage import set_trainable
 from fitdist.strategy import build_strategy
 
-VARIANTS = ("student", "kd", "hint_kd", "stage1", "stage1_full", "kd_2t", "kd_3t")
+VARIANTS = ("student", "kd", "hint_kd", "stage1", "stage1_full", "kd_2t", "kd_3t", "kd_stored")
+STORED_TOPK = 10  # kd_stored: probabilities stored per view (the recommended k, docs/DATA.md)
 ENSEMBLES = {"kd": 1, "kd_2t": 2, "kd_3t": 3}  # KD variants by their number of teachers
 WEIGHTS = {
     "student": {"ce": 1.0},
@@ -82,6 +86,7 @@ WEIGHTS = {
     "stage1_full": {"hint": 1.0},
     "kd_2t": {"ce": 1.0, "kd": 1.0},
     "kd_3t": {"ce": 1.0, "kd": 1.0},
+    "kd_stored": {"ce": 1.0, "kd": 1.0},
 }
 MiB = 2**20
 
@@ -140,12 +145,19 @@ def make_variant(
     strategy = build_strategy(StrategyConfig(), DistEnv(), "fp32")
     optim = OptimConfig(schedule="constant")
     model, optimizer, scheduler = strategy.prepare(student, optim, optim.lr, stage.steps)
+    stored = name == "kd_stored"
     distiller = Distiller(
-        model, teacher if name != "student" else None, cfg.loss.temperature, cfg.loss.impl
+        model, teacher if name not in ("student", "kd_stored") else None, cfg.loss.temperature,
+        cfg.loss.impl, soft=stored,
     )
     g = torch.Generator().manual_seed(2)
     images = torch.randn(batch, data.in_channels, *data.image_size, generator=g)
     labels = torch.randint(0, data.num_classes, (batch,), generator=g)
+    if stored:  # what the reader hands over: the teacher's top-k at T of these images, fp16
+        with torch.no_grad():
+            p = torch.softmax(teacher(images)[0].float() / cfg.loss.temperature, -1)
+        values, idx = p.topk(min(STORED_TOPK, data.num_classes), -1)
+        soft = (idx, values.half())
 
     def full_hint(images, labels, weights):
         # Stage 1 without truncation: the same hint loss, both taps run to the logits.
@@ -159,7 +171,10 @@ def make_variant(
         hint = torch.stack(terms).sum()
         return {"loss": weights["hint"] * hint, "hint": hint}
 
-    loss_fn = full_hint if name == "stage1_full" else distiller
+    def from_stored(images, labels, weights):
+        return distiller(images, labels, weights, soft=soft)
+
+    loss_fn = full_hint if name == "stage1_full" else from_stored if stored else distiller
     v = Variant(name, None, student, optimizer)
 
     def step():  # the trainer's optimizer step with one micro-step (trainer._run_stage)
@@ -314,6 +329,8 @@ def run(args) -> dict:
         "r_KD_over_r_FLOP": r_kd / r_flop,
         "r_KD_target_met": r_kd <= 1.1 * r_flop,
         "kd_only_over_student": med["kd"] / med["student"],
+        "kd_stored_over_student": med["kd_stored"] / med["student"],
+        "kd_stored_target_met": med["kd_stored"] <= 1.05 * med["student"],
         "stage1_trunc_over_full": med["stage1"] / med["stage1_full"],
         "stage1_trunc_over_full_FLOP": stage1_flop,
     }
@@ -380,6 +397,10 @@ def print_table(res: dict) -> None:
     print(
         f"r_KD {ra['r_KD']:.3f}  r_FLOP {ra['r_FLOP']:.3f}  r_KD/r_FLOP "
         f"{ra['r_KD_over_r_FLOP']:.3f} (target <= 1.1: {verdict[ra['r_KD_target_met']]})"
+    )
+    print(
+        f"KD from stored soft labels: {ra['kd_stored_over_student']:.3f}x student (target <= 1.05: "
+        f"{verdict[ra['kd_stored_target_met']]}); online KD {ra['kd_only_over_student']:.3f}x"
     )
     print(
         f"stage 1 truncated / full: {ra['stage1_trunc_over_full']:.3f} "
