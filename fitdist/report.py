@@ -8,6 +8,8 @@ evaluation, written at the end of a run) and `config.yaml` (the resolved config)
 
 - `loss-<run>.png`: the training loss terms (`train/loss`, `ce`, `kd`, `hint`), one panel per stage;
 - `schedule.png`: λ (the KD weight) and the learning rate against the global step, every run;
+- `diag-<run>.png` (runs with `train.diagnostics`): activation RMS and dead-unit fraction of each
+  watched layer against the global step, stage ends as dashed lines, hint-only stages shaded;
 - `val_top1.png`: validation top-1 of every run on one chart, one curve per run (seeds of one
   config: each run thin, their mean bold). Points from hint-only stages (FitNets stage 1: no
   weight on ce or kd, so the classifier is untrained and scores chance) are left out and the span
@@ -187,6 +189,42 @@ def plot_losses(run: Run):
     return fig
 
 
+def diag_layers(run: Run) -> list[str]:
+    """Layers with `diag/<layer>/...` values in the run's rows, in first-logged order."""
+    seen: dict[str, None] = {}
+    for row in run.rows:
+        for key in row:
+            if key.startswith("diag/") and key.count("/") >= 2:
+                seen.setdefault(key[len("diag/"):key.rindex("/")], None)
+    return list(seen)
+
+
+def plot_diagnostics(run: Run):
+    """Activation RMS and dead fraction per watched layer over steps (train.diagnostics); stage
+    ends dashed and hint-only stages shaded, as in the validation chart."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ends = [max(r["step"] for r in run.rows if r.get("stage") == st) for st in run.stages()][:-1]
+    for ax, what, title in ((axes[0], "rms", "activation RMS"), (axes[1], "dead", "dead-unit fraction")):
+        for start, end in run.hint_spans():
+            ax.axvspan(start, end, color="0.5", alpha=0.12, lw=0)
+        for end in ends:
+            ax.axvline(end, color="0.4", ls="--", lw=0.8)
+        for i, layer in enumerate(diag_layers(run)):  # a layer keeps its colour (maxout ones have no dead line)
+            key = f"diag/{layer}/{what}"
+            points = [(r["step"], r[key]) for r in run.rows if key in r]
+            if points:
+                ax.plot(*zip(*points), color=f"C{i % 10}", marker="." if len(points) < 20 else None, label=layer)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-0.02, 1.02)
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"{run.name}: student layers")
+    fig.tight_layout()
+    return fig
+
+
 def _positive(rows: list[dict]) -> bool:
     values = [r[t] for r in rows for t in TERMS if t in r]
     return bool(values) and min(values) > 0
@@ -348,6 +386,7 @@ def report(run_dirs: list[str], out: str | Path) -> dict[str, Path]:
     plt = _pyplot()
     written: dict[str, Path] = {}
     figures = [(f"loss-{_slug(r.name)}", plot_losses(r)) for r in runs]
+    figures += [(f"diag-{_slug(r.name)}", plot_diagnostics(r)) for r in runs if diag_layers(r)]
     figures += [("schedule", plot_schedule(runs)), ("val_top1", plot_val(runs))]
     for stem, fig in figures:
         written[stem] = out / f"{stem}.png"

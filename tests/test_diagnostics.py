@@ -147,3 +147,30 @@ def test_diagnostics_off_by_default():
 
     assert load_config(None).train.diagnostics is False
     assert load_config(None, ["train.diagnostics=[conv2]"]).train.diagnostics == ["conv2"]
+
+
+def test_report_plots_the_logged_diagnostics_per_layer(tmp_path):
+    from PIL import Image
+
+    from fitdist.report import plot_diagnostics, read_run, report
+
+    cfg_path = write_config(tmp_path / "two.yaml", stages=[{"name": "a", "steps": 3}, {"name": "b", "steps": 3}],
+                            train={"batch_size": 16, "log_every": 1, "eval_batch_size": 1000, "threads": 1,
+                                   "diagnostics": ["conv2", "conv4"]},
+                            data={"source": "fashion-mnist", "train_subset": 256})
+    done = run_cli("train", cfg_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = read_run(tmp_path / "two")
+    fig = plot_diagnostics(run)
+    rms, dead = fig.axes[:2]
+    for ax, what in ((rms, "rms"), (dead, "dead")):
+        lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+        assert set(lines) == {"conv2", "conv4"}
+        for layer, line in lines.items():
+            logged = [(r["step"], r[f"diag/{layer}/{what}"]) for r in run.rows]
+            assert list(zip(line.get_xdata(), line.get_ydata())) == logged
+        boundary = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert [list(b.get_xdata()) for b in boundary] == [[3, 3]]  # stage a ends at step 3
+    written = report([str(tmp_path / "two")], tmp_path / "out")
+    with Image.open(written["diag-two"]) as im:
+        assert im.format == "PNG" and im.size[0] > 300
