@@ -1,4 +1,5 @@
-"""Two teachers under real DDP (torchrun, 2 processes, gloo on loopback): both ranks end identical."""
+"""Two teachers in real processes: under DDP (torchrun, 2 processes, gloo on loopback) both ranks end
+identical, and a quiet ensemble step reads nothing back from the device (test_step_syncs' counter)."""
 
 import json
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 from conftest import write_config
 from test_ensemble import two_teachers
+from test_step_syncs import STEPS, quiet_config, quiet_steps
+from test_step_syncs import run as counted_run
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 NO_BN_STUDENT = {"name": "fitdist:fitnet", "kwargs": {"widths": [4, 4, 8, 8], "pool_after": [2], "batch_norm": False}}
@@ -33,3 +36,16 @@ def test_two_teachers_under_two_process_ddp_keep_ranks_identical(tmp_path, mode)
     assert two["mismatched"] == []  # every parameter, regressors included, equal on both ranks
     exported = torch.load(tmp_path / "ddp" / "student.pt", weights_only=True)
     assert not any("teacher" in k for k in exported) and all(torch.isfinite(v).all() for v in exported.values())
+
+
+@pytest.mark.parametrize("mode", ["mean_probs", "sample"])
+def test_a_quiet_ensemble_step_makes_no_host_sync(tmp_path, mode):
+    teachers = two_teachers(tmp_path, b={"precision": "bf16"})
+    config = quiet_config(tmp_path / "quiet.yaml", {"grad_accum": 2}, teachers=teachers, loss={"ensemble": mode},
+                          hints=[{"student": "conv3", "teacher": "conv2", "from": "b"}],
+                          stages=[{"name": "hint", "steps": 3, "ce": 0, "hint": 1},
+                                  {"name": "kd", "steps": STEPS - 3, "ce": 1, "kd": 1, "hint": 0.5}])
+    events = counted_run(tmp_path, config, nproc=1)[0]
+    quiet = quiet_steps(events, STEPS)
+    del quiet[3]  # the hint stage's end logs, evaluates and checkpoints
+    assert quiet == {s: [] for s in range(1, STEPS) if s != 3}
