@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from soft_label_data import make_shards, make_teacher, write_cfg
 
+from fitdist.bench.soft_labels import bytes_per_image
 from fitdist.config import load_config
 from fitdist.data.label_writer import label
 from fitdist.data.soft_labels import label_file, load_label_file
@@ -34,3 +35,6 @@ def test_two_ranks_split_the_shards_and_write_what_one_process_writes(tmp_path):
         a, b = load_label_file(str(tmp_path / "two" / name)), load_label_file(str(tmp_path / "one" / name))
         assert a.rows == b.rows and (a.views == b.views).all() and (a.idx == b.idx).all()
         np.testing.assert_allclose(a.prob.astype(np.float32), b.prob.astype(np.float32), rtol=2**-10)
+        with np.load(tmp_path / "two" / name) as z:  # the storage formula the docs and the bench quote
+            arrays, n, key = sum(z[f].nbytes for f in z.files), len(z["keys"]), z["keys"].dtype.itemsize
+        assert arrays == n * bytes_per_image(2, 4, 10, key) and n in (10, 7)

@@ -17,6 +17,9 @@ flip; both send uint8, normalised on the device), the same batch size and worker
 - main-process memory as the dataset grows: Python heap held by the dataset/bundle object
   (tracemalloc). Larger datasets are made of hard links (folders) and of repeated shards under a
   manifest listing them (WebDataset): no extra disk, the index structures grow as with real data.
+
+`--soft-labels` reports stored teacher soft labels instead (fitdist.bench.soft_labels): `fitdist
+label`'s throughput and bytes per image, and the reader's throughput with and without the join.
 """
 
 from __future__ import annotations
@@ -208,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         help="mix set shuffle buffer (default: ~3.85 classes' worth, as 5,000 for ImageNet)",
     )
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--soft-labels", action="store_true",
+                   help="only the stored-soft-label figures: labelling, bytes/image, reader with/without the join")
+    p.add_argument("--views", type=int, default=10, help="--soft-labels: views per image R (default 10)")
+    p.add_argument("--topk", type=int, default=10, help="--soft-labels: probabilities per view k (default 10)")
+    p.add_argument("--teacher", default="fitdist:fitnet", help="--soft-labels: the labelling teacher's model name")
     a = p.parse_args(argv)
 
     out = Path(a.dir)
@@ -215,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     shards = out / "shards"
     write_shards(open_source(f"imagefolder:{images}"), shards, shard_size=250, progress=False)
     n = a.classes * a.per_class
+    if a.soft_labels:
+        from fitdist.bench.soft_labels import lines, soft_label_figures
+
+        res = soft_label_figures(shards, out, a.classes, a.size, a.batch, a.batches, a.reps, a.views, a.topk,
+                                 a.teacher)
+        print("\n".join([f"Machine: {machine()}", f"{n} JPEGs ({a.classes} classes)", *lines(res, a.batch, a.size)]))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"machine": machine(), "soft_labels": res}, indent=1))
+        return 0
 
     def folder_at(root):
         return lambda: imagefolder_loader(root, a.batch, a.workers, a.size)
