@@ -17,7 +17,8 @@ every direct child of the backbone that is or holds a convolution (for `fitdist:
 `convN`). A list of module paths names the layers instead.
 
 Cost: the hooks stay registered but return at once unless armed; the trainer arms them for the
-step whose log row is next, so quiet steps compute nothing. The values stay on the device and
+step whose log row is next, so quiet steps compute nothing. With `train.compile` the hooks are
+left out of the compiled graphs and that one step runs eager (no second graph to compile). The values stay on the device and
 travel with the log row's one transfer (`Window.flush`). Under DDP each rank measures its own
 micro-batch and rank 0's row is what is written (the logger writes on rank 0 alone): no collective.
 A forward cut after the guided layer (FitNets stage 1) never runs the layers above it; those keys
@@ -82,7 +83,8 @@ class Diagnostics:
 
     def _hook(self, path: str, dead: bool):
         def hook(module, args, output):
-            if not self._armed or f"diag/{path}/rms" in self._stats:
+            # never traced into a compiled graph (train.compile): the trainer runs an armed step eager
+            if torch.compiler.is_compiling() or not self._armed or f"diag/{path}/rms" in self._stats:
                 return
             if isinstance(output, (tuple, list)):
                 output = output[0]

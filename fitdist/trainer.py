@@ -7,6 +7,7 @@ are configs of the same code path.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -19,8 +20,8 @@ from fitdist import dist
 from fitdist.build import build_student, build_teachers, place, probe_input
 from fitdist.checkpoint import (list_checkpoints, load_checkpoint, load_checkpoint_at, rng_state, save_checkpoint,
                                 save_file, set_rng_state)
-from fitdist.compile import compile_models
-from fitdist.config import Config, StageConfig, dump_config, to_dict
+from fitdist.compile import compile_models, eager
+from fitdist.config import Config, StageConfig, _build, dump_config, to_dict, validate
 from fitdist.data import build_data
 from fitdist.data.soft_labels import check_run, stored_only
 from fitdist.diagnostics import Diagnostics, watched_layers
@@ -189,10 +190,12 @@ class _Run:
         self.student.train()
         while pos.step < stage.steps:
             weights = stage_weights(stage, pos.step)
-            if self.diagnostics is not None and self._logs_at(stage, pos.step + 1, pos.global_step + 1):
+            armed = self.diagnostics is not None and self._logs_at(stage, pos.step + 1, pos.global_step + 1)
+            if armed:
                 self.diagnostics.arm()  # this step writes a log row: measure its (first) micro-batch
-            train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device,
-                       pos.global_step)
+            with eager(cfg.train.compile and armed):  # the hooks are not compiled: that step runs eager
+                train_step(cfg, prepared, self.strategy, batches, weights, env.device, window, self.data.to_device,
+                           pos.global_step)
             pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
             pos.microbatch += cfg.train.grad_accum
             if self.ema is not None:  # device ops only: no sync, no collective
@@ -337,8 +340,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _as_current_schema(saved: dict) -> dict:
+    """A saved config read with this version's schema: keys added since it was written take their
+    defaults, so a checkpoint of an older fitdist resumes unless a setting it recorded changed."""
+    try:
+        return to_dict(validate(_build(Config, copy.deepcopy(saved))))
+    except UserError:  # a key since removed or retyped: compared as written (it will differ)
+        return saved
+
+
 def _check_same_config(saved: dict, current: dict, path: Path) -> None:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_as_current_schema(saved)), _flatten(current)
     differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if differ:
         shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ[:4])

@@ -98,9 +98,12 @@ def test_a_maxout_layer_reports_rms_alone(seed):
     assert stats["diag/conv1/rms"].item() == pytest.approx(by_hand(model.conv1(x))[0], rel=1e-5)
 
 
-def test_a_run_logs_the_diagnostics_of_its_log_step_batch(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_run_logs_the_diagnostics_of_its_log_step_batch(tmp_path, nproc):
     """A 1-step run logs once, on its only step: the first micro-batch through the initial weights,
-    rebuilt here from the same seed and data position."""
+    rebuilt here from the same seed and data position; under 2-process DDP, rank 0's micro-batch."""
+    from test_ddp import torchrun
+
     from fitdist.build import build_student
     from fitdist.config import load_config
     from fitdist.data import build_data
@@ -108,16 +111,20 @@ def test_a_run_logs_the_diagnostics_of_its_log_step_batch(tmp_path):
     cfg_path = write_config(tmp_path / "diag.yaml", stages=[{"name": "train", "steps": 1}],
                             train={"batch_size": 16, "log_every": 1, "eval_batch_size": 1000, "threads": 1,
                                    "diagnostics": True},
-                            data={"source": "fashion-mnist", "train_subset": 256})
-    done = run_cli("train", cfg_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+                            data={"source": "fashion-mnist", "train_subset": 256},
+                            strategy={"kind": "ddp" if nproc == 2 else "single"})
+    if nproc == 1:
+        done = run_cli("train", cfg_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:
+        assert torchrun(cfg_path, tmp_path / "ddp.json")["world"] == 2
     rows = [json.loads(line) for line in (tmp_path / "diag" / "metrics.jsonl").read_text().splitlines()]
     logged = {k: v for row in rows for k, v in row.items() if k.startswith("diag/")}
     assert set(logged) == {f"diag/conv{i}/{k}" for i in range(1, 6) for k in ("rms", "dead")}
 
     cfg = load_config(cfg_path)
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, 16, 1000, cfg.seed)
+    data = build_data(cfg.data, 16 // nproc, 1000, cfg.seed, 0, nproc)  # rank 0's stream
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data, None)
     images, _ = next(data.train_batches(0))
@@ -138,8 +145,10 @@ def test_an_unknown_diagnostics_layer_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.diagnostics" in lines[0] and "convv2" in lines[0], done.stderr
-    done = run_cli("train", cfg, "train.diagnostics=sometimes")
-    assert done.returncode == 2 and "train.diagnostics" in done.stderr, done.stderr
+    from fitdist.config import load_config
+
+    with pytest.raises(UserError, match="train.diagnostics: expected bool or list, got 'sometimes'"):
+        load_config(cfg, ["train.diagnostics=sometimes"])
 
 
 def test_diagnostics_off_by_default():
@@ -154,7 +163,7 @@ def test_report_plots_the_logged_diagnostics_per_layer(tmp_path):
 
     from fitdist.report import plot_diagnostics, read_run, report
 
-    cfg_path = write_config(tmp_path / "two.yaml", stages=[{"name": "a", "steps": 3}, {"name": "b", "steps": 3}],
+    cfg_path = write_config(tmp_path / "two.yaml", stages=[{"name": "a", "steps": 2}, {"name": "b", "steps": 2}],
                             train={"batch_size": 16, "log_every": 1, "eval_batch_size": 1000, "threads": 1,
                                    "diagnostics": ["conv2", "conv4"]},
                             data={"source": "fashion-mnist", "train_subset": 256})
@@ -170,7 +179,26 @@ def test_report_plots_the_logged_diagnostics_per_layer(tmp_path):
             logged = [(r["step"], r[f"diag/{layer}/{what}"]) for r in run.rows]
             assert list(zip(line.get_xdata(), line.get_ydata())) == logged
         boundary = [line for line in ax.lines if line.get_linestyle() == "--"]
-        assert [list(b.get_xdata()) for b in boundary] == [[3, 3]]  # stage a ends at step 3
+        assert [list(b.get_xdata()) for b in boundary] == [[2, 2]]  # stage a ends at step 2
     written = report([str(tmp_path / "two")], tmp_path / "out")
     with Image.open(written["diag-two"]) as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_compiled_forwards_leave_the_hooks_out_and_an_eager_step_measures(seed):
+    """Under train.compile the hooks never enter a graph (fullgraph, armed or not); the armed step
+    runs eager (`fitdist.compile.eager`) and measures as an eager run does."""
+    from fitdist.compile import eager
+
+    model = ZOO["fitnet"](widths=[4, 6, 8], pool_after=[1], batch_norm=False)
+    diag = Diagnostics(model, ["conv2", "conv3"])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    diag.arm()
+    compiled(x)
+    assert diag.take() == {}  # traced and run without the hooks' work
+    diag.arm()
+    with eager():
+        compiled(x)
+    stats = diag.take()
+    assert stats["diag/conv2/rms"].item() == pytest.approx(by_hand(model.conv2(model.conv1(x)))[0], rel=1e-5)
