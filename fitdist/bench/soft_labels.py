@@ -26,8 +26,9 @@ from fitdist.data.wds import build_webdataset
 VIEW_BYTES = 5 * 2  # top, left, height, width, flip as int16
 
 
-def bytes_per_image(views: int, topk: int, classes: int, key: int = 9) -> int:
-    """Label bytes of one image: the arrays of the format, without the file's headers."""
+def bytes_per_image(views: int, topk: int, classes: int, key: int = 13) -> int:
+    """Label bytes of one image: the arrays of the format, without the file's headers (`key`: the
+    key's bytes, 13 for ImageNet's `train-1281166`)."""
     index = 2 if classes <= 2**16 else 4
     return views * (topk * (index + 2) + VIEW_BYTES) + key
 
