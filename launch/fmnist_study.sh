@@ -6,8 +6,11 @@
 #          image), each trained from scratch, with KD and with FitNets two-stage (one seed);
 #   nobn   the same depth study without BatchNorm, as in the FitNets paper's networks, at lr 0.01
 #          (at the other parts' 0.05, distillation diverged on these students);
+#   ensemble  three teachers (seeds 0, 1, 2), each and as an ensemble (`fitdist eval --teachers`),
+#          then the main study's student from scratch, with KD from the best single teacher, with
+#          KD from the ensemble and with FitNets (hints from one member, KD from the ensemble);
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
-#   bash launch/fmnist_study.sh [main|depth|nobn|report|all]    (default: all)
+#   bash launch/fmnist_study.sh [main|depth|nobn|ensemble|report|all]    (default: all)
 # Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
 # "0 1 2"), DEPTHS (default "3 6 9 12 15"; two processes can split them). A finished run
 # (summary.json present) is kept; an interrupted one resumes.
@@ -28,7 +31,11 @@ export WANDB_MODE="${WANDB_MODE:-offline}"
 run() {  # run DIR CONFIG [key=value ...]: train unless DIR already holds a finished run
   local dir=$1 config=$2
   shift 2
-  case $config in *-kd.yaml | *-fitnets*.yaml) set -- "teacher.weights=$TEACHER" "$@" ;; esac
+  case $config in
+    *-ensemble.yaml) set -- "teachers.0.weights=$TEACHER" "teachers.1.weights=$OUT/ensemble/teacher-s1/student.pt" \
+      "teachers.2.weights=$OUT/ensemble/teacher-s2/student.pt" "$@" ;;
+    *-kd.yaml | *-fitnets*.yaml) set -- "teacher.weights=${TEACHER_WEIGHTS:-$TEACHER}" "$@" ;;
+  esac
   if [ -f "$dir/summary.json" ]; then echo "finished: $dir"; return; fi
   echo "+ fitdist train $config run.dir=$dir $*"
   "$VENV/bin/fitdist" train "$config" "run.dir=$dir" run.resume=auto "$@"
@@ -44,6 +51,28 @@ main_study() {
     for method in scratch kd fitnets fitnets-joint; do
       run "$OUT/main/$method-s$seed" "$CONFIGS/fmnist-$method.yaml" "seed=$seed"
     done
+  done
+}
+
+ensemble_study() {  # three teachers (seeds 0, 1, 2), then the main study's student four ways
+  teacher
+  local s seed best
+  for s in 1 2; do run "$OUT/ensemble/teacher-s$s" "$CONFIGS/fmnist-teacher.yaml" "seed=$s"; done
+  "$VENV/bin/fitdist" eval --teachers "$CONFIGS/fmnist-kd-ensemble.yaml" "teachers.0.weights=$TEACHER" \
+    "teachers.1.weights=$OUT/ensemble/teacher-s1/student.pt" "teachers.2.weights=$OUT/ensemble/teacher-s2/student.pt" \
+    >"$OUT/ensemble/teachers.json"
+  best=$("$VENV/bin/python" -c 'import json, sys; runs = sys.argv[1:]
+print(max(runs, key=lambda r: json.load(open(r + "/summary.json"))["val/top1"]))' \
+    "$OUT/teacher" "$OUT/ensemble/teacher-s1" "$OUT/ensemble/teacher-s2")
+  echo "best single teacher: $best"
+  for seed in $SEEDS; do  # the rows of Hinton's claim first
+    TEACHER_WEIGHTS="$best/student.pt" run "$OUT/ensemble/kd-best-s$seed" "$CONFIGS/fmnist-kd.yaml" "seed=$seed" \
+      name=fmnist-kd-best
+    run "$OUT/ensemble/kd-ensemble-s$seed" "$CONFIGS/fmnist-kd-ensemble.yaml" "seed=$seed"
+  done
+  for seed in $SEEDS; do
+    run "$OUT/ensemble/fitnets-ensemble-s$seed" "$CONFIGS/fmnist-fitnets-ensemble.yaml" "seed=$seed"
+    run "$OUT/ensemble/scratch-s$seed" "$CONFIGS/fmnist-scratch.yaml" "seed=$seed"
   done
 }
 
@@ -75,10 +104,34 @@ depth_study() {  # depth_study DIR [key=value ...]: the depth study, overrides o
   done
 }
 
+collapse_study() {  # the no-BatchNorm 15-layer FitNets collapse: one factor changed per run (seed 0)
+  teacher
+  local nobn=(student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true)
+  read -r -a nobn15 <<<"$(depth_student 5)"
+  local name factor
+  while read -r name factor; do
+    # shellcheck disable=SC2086  # a factor is zero or more key=value words
+    run "$OUT/collapse/$name" "$CONFIGS/fmnist-fitnets.yaml" "name=collapse-$name" "${nobn15[@]}" "${nobn[@]}" $factor
+  done <<'EOF_FACTORS'
+base
+clip1 optim.max_grad_norm=1
+maxnorm2 optim.max_norm=2
+lambda1 stages.1.kd=1.0
+ce-only stages.1.kd=0
+lr0.001 stages.1.optim.lr=0.001
+lr0.003 stages.1.optim.lr=0.003
+regressor-linear hints.0.relu=false
+control-lr0 stages.0.optim.lr=0
+EOF_FACTORS
+  for method in scratch kd; do
+    run "$OUT/collapse/$method" "$CONFIGS/fmnist-$method.yaml" "name=collapse-$method" "${nobn15[@]:0:2}" "${nobn[@]}"
+  done
+}
+
 report() {
   "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
   local part
-  for part in depth nobn; do
+  for part in depth nobn ensemble collapse; do
     if [ -d "$OUT/$part" ]; then "$VENV/bin/fitdist" report "$OUT/$part"/* --out "$OUT/report-$part"; fi
   done
 }
@@ -87,7 +140,10 @@ case "${1:-all}" in
   main) main_study ;;
   depth) depth_study depth ;;
   nobn) depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01 ;;
+  ensemble) ensemble_study ;;
+  collapse) collapse_study ;;
   report) report ;;
-  all) main_study; depth_study depth; depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01; report ;;
-  *) echo "usage: bash launch/fmnist_study.sh [main|depth|nobn|report|all]" >&2; exit 2 ;;
+  all) main_study; depth_study depth; depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01; ensemble_study
+    report ;;
+  *) echo "usage: bash launch/fmnist_study.sh [main|depth|nobn|ensemble|report|all]" >&2; exit 2 ;;
 esac

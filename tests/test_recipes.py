@@ -64,7 +64,7 @@ def test_there_are_recipes():
     assert len([n for n in names if n.startswith("configs/cifar10/")]) == 5
     assert len([n for n in names if n.startswith("configs/cifar100/")]) == 20
     assert len([n for n in names if n.startswith("configs/imagenet/")]) == 6
-    assert len(PACKAGED) == 5
+    assert len(PACKAGED) == 7
 
 
 def expected_trainable(cfg, stage, r) -> int:

@@ -2,6 +2,7 @@
 corrupt checkpoints, and resuming with a different config."""
 
 import errno
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,6 +141,29 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
     result = run_cli("train", path, "optim.lr=0.5", "--resume")
     assert result.returncode == 2
     assert "different config: optim.lr (0.05 -> 0.5)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_of_an_older_version_resumes(tmp_path):
+    """A saved config without the keys added since (they take their defaults) is the same config."""
+    path = write_config(tmp_path / "c.yaml", stages=[{"name": "a", "steps": 4}])
+    overrides = ["deterministic=true", "train.checkpoint_every=2", "run.keep_checkpoints=5"]
+    cfg = load_config(path, overrides)
+    train(cfg)
+    expected = (cfg.run_dir / "student.pt").read_bytes()
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "step-00000004")
+    (cfg.run_dir / "student.pt").unlink()
+    trainer_pt = cfg.run_dir / "checkpoints" / "step-00000002" / "trainer.pt"
+    state = torch.load(trainer_pt, weights_only=True)
+    for section, key in (("optim", "max_norm"), ("loss", "ensemble"), ("train", "diagnostics"), (None, "teachers")):
+        del (state["config"][section] if section else state["config"])[key]
+    torch.save(state, trainer_pt)
+    train(load_config(path, overrides), resume=True)
+    assert (cfg.run_dir / "student.pt").read_bytes() == expected
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "step-00000004")
+    state["config"]["optim"]["lr"] = 0.5  # a recorded setting that differs is still refused
+    torch.save(state, trainer_pt)
+    with pytest.raises(UserError, match=r"different config: optim.lr \(0.5 -> 0.05\)"):
+        train(load_config(path, overrides), resume=True)
 
 
 def test_checkpoints_cannot_run_code(tmp_path):
