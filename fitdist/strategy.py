@@ -81,6 +81,10 @@ class Strategy:
         optimizer.zero_grad(set_to_none=True)
         return norm.detach(), finite
 
+    def check_optim(self, optim: OptimConfig) -> None:
+        """Refuses (UserError) a stage's optimizer settings this strategy cannot honour; called for
+        every stage before the first one runs, so a late stage does not fail hours in."""
+
     def constrain(self, optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], max_norm: float) -> None:
         """`optim.max_norm` after a step: the weights the optimizer steps are the module's own here."""
         apply_max_norm(weights, max_norm)

@@ -139,12 +139,7 @@ class DeepSpeedStrategy(Strategy):
             # feeds batch_norm fp32: the first forward would fail inside torch (not tried on CUDA)
             raise UserError(f"train.precision: {self.precision} with strategy.kind=deepspeed on the CPU cannot run "
                             "a student with BatchNorm; use train.precision=fp32 there")
-        if optim.max_norm and (self.zero_stage == 3 or self.precision != "fp32"):
-            # the clip is applied to the module's whole weights and copied into ZeRO-1/2's fp32 master
-            # partitions: ZeRO-3 has no whole weights, and a bf16/fp16 module copy would round the master
-            raise dist.every_rank(UserError(
-                f"optim.max_norm: not available under DeepSpeed with ZeRO-3 or train.precision bf16/fp16 (got ZeRO "
-                f"{self.zero_stage}, {self.precision}); use ZeRO 0-2 with fp32, or strategy.kind=ddp"))
+        self.check_optim(optim)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optim, lr)
         # The schedule acts on the torch optimizer's parameter groups, which DeepSpeed's ZeRO
@@ -189,6 +184,14 @@ class DeepSpeedStrategy(Strategy):
             norm = torch.as_tensor(math.nan if got is None else got, dtype=torch.float32, device=self.env.device)
         applied = torch.tensor(engine.was_step_applied(), device=norm.device)
         return norm, torch.isfinite(norm) & applied
+
+    def check_optim(self, optim: OptimConfig) -> None:
+        if optim.max_norm and (self.zero_stage == 3 or self.precision != "fp32"):
+            # the clip is applied to the module's whole weights and copied into ZeRO-1/2's fp32 master
+            # partitions: ZeRO-3 has no whole weights, and a bf16/fp16 module copy would round the master
+            raise dist.every_rank(UserError(
+                f"optim.max_norm: not available under DeepSpeed with ZeRO-3 or train.precision bf16/fp16 (got ZeRO "
+                f"{self.zero_stage}, {self.precision}); use ZeRO 0-2 with fp32, or strategy.kind=ddp"))
 
     def constrain(self, optimizer, weights: list[torch.Tensor], max_norm: float) -> None:
         """`optim.max_norm` on the module's weights (whole on every rank under ZeRO 0-2), then, under

@@ -92,6 +92,8 @@ class _Run:
         watched = watched_layers(self.student.backbone, cfg.train.diagnostics, cfg.hints[0].student if cfg.hints else None)
         self.diagnostics = Diagnostics(self.student.backbone, watched) if watched else None  # armed on log steps only
         self.strategy = build_strategy(cfg.strategy, env, cfg.train.precision, cfg.train)
+        for stage in self.stages:  # e.g. optim.max_norm under DeepSpeed ZeRO-3: refused before any stage runs
+            self.strategy.check_optim(stage.optim or cfg.optim)
         self.ema = None
         if cfg.train.ema is not None:
             if getattr(self.strategy, "zero_stage", 0) == 3:

@@ -121,11 +121,13 @@ def test_deepspeed_zero2_equals_one_process_and_zero3_is_refused(hint_config, on
             assert unit_norms(v).max() <= C * (1 + 1e-5)
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    # set for the second stage only: refused before the first one runs
     done = run_cli("train", hint_config, "strategy.kind=deepspeed", f"strategy.deepspeed_config={ZERO3}",
-                   f"run.dir={tmp_path / 'z3'}")
+                   f"run.dir={tmp_path / 'z3'}", "optim.max_norm=0", f"stages.1.optim={{max_norm: {C}}}")
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert "optim.max_norm" in lines[-1] and "ZeRO-3" in lines[-1], done.stderr[-2000:]
+    assert not (tmp_path / "z3" / "metrics.jsonl").exists()  # no step was taken
 
 
 def test_bad_and_per_stage_values(tmp_path):

@@ -97,7 +97,8 @@ def test_a_quiet_step_makes_no_host_sync(tmp_path, variant):
     optim, precision = {"sgd-fp32": ("sgd", "fp32"), "adamw-bf16-accum": ("adamw", "bf16"),
                         "sgd-fp16": ("sgd", "fp16")}[variant]
     config = quiet_config(tmp_path / "quiet.yaml", {"precision": precision, "grad_accum": 2 if "accum" in variant else 1},
-                          optim={"name": optim, "lr": 0.01, "schedule": "cosine", "max_grad_norm": 1.0})
+                          optim={"name": optim, "lr": 0.01, "schedule": "cosine", "max_grad_norm": 1.0,
+                                 "max_norm": 0.5})  # the max-norm clip too: on the device
     events = run(tmp_path, config, nproc=1)[0]
     assert quiet_steps(events, STEPS) == {s: [] for s in range(1, STEPS)}
     assert any(e[0] == STEPS for e in events)  # the last step logs: the counter does see reads
