@@ -64,3 +64,31 @@ def test_an_ensemble_labels_with_its_mean_probabilities(tmp_path):
         stored = np.zeros((2, 10), np.float32)
         np.put_along_axis(stored, table.idx[row].astype(np.int64), table.prob[row].astype(np.float32), 1)
         assert np.all(np.abs(stored - p.numpy()) <= 2**-11 * p.numpy() + 2**-25)
+
+
+def test_a_quiet_step_from_stored_labels_makes_no_host_sync(tmp_path):
+    """The real trainer (fitdist train, no workers: the reader runs inside the step too) with every
+    host read of a tensor and every collective recorded per step (tests/test_step_syncs.py): from
+    stored labels, none but one CPU `item` in step 1 (the DataLoader drawing its base seed when
+    the stream starts, as every WebDataset run does)."""
+    from test_step_syncs import STEPS, quiet_steps, run
+
+    shards = make_shards(tmp_path)
+    path = write_cfg(tmp_path / "quiet.yaml", shards, make_teacher(tmp_path / "t.pt", seed=8), tmp_path / "labels")
+    cfg = yaml.safe_load(path.read_text())
+    label(load_config(path), views=2, topk=4, batch=64, progress=False)
+    cfg["stages"] = [{"name": "kd", "steps": STEPS, "ce": 1.0, "kd": 1.0}]
+    cfg["train"].update(log_every=1000, eval_every=0, checkpoint_every=0)
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "stored").mkdir()
+    (tmp_path / "online-events").mkdir()
+    stored = run(tmp_path / "stored", path, nproc=1)[0]
+    cfg["data"]["soft_labels"] = None
+    online_path = tmp_path / "online.yaml"
+    online_path.write_text(yaml.safe_dump({**cfg, "run": {"dir": str(tmp_path / "online")}}))
+    online = run(tmp_path / "online-events", online_path, nproc=1)[0]
+    assert quiet_steps(stored, STEPS) == {s: [["read", "item"]] if s == 1 else [] for s in range(1, STEPS)}
+    # the online run's reader draws each crop inside the step (CPU reads of its RNG draws): the
+    # counter does watch the data path, which with stored labels replays recorded views instead
+    assert all(["read", "__int__"] in events for events in quiet_steps(online, STEPS).values())
+    assert any(e[0] == STEPS for e in stored)  # the last step logs: the counter does see reads
