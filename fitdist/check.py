@@ -105,6 +105,13 @@ def file_checks(cfg: Config) -> None:
     ds = cfg.strategy.deepspeed_config
     if cfg.strategy.kind == "deepspeed" and ds and not Path(ds).is_file():
         raise UserError(f"strategy.deepspeed_config: file not found: {ds}")
+    if cfg.data.soft_labels:  # stored soft labels: there, and of this run's temperature and teacher
+        from fitdist.data.soft_labels import check_run, read_labels_manifest
+
+        if cfg.data.source != "webdataset":
+            raise UserError(f"data.soft_labels: stored soft labels need data.source: webdataset, not {cfg.data.source!r}")
+        manifest, where = read_labels_manifest(cfg.data.soft_labels)
+        check_run(cfg, {**manifest, "__path__": where})
 
 
 def deterministic_checks(cfg: Config, world: int) -> None:

@@ -189,6 +189,11 @@ def test_mismatched_labels_are_errors_naming_the_file(setup, tmp_path):
     cfg = load_config(cfg_path)
     bundle = build_data(cfg.data, 8, 8, 0)
     check_run(cfg, bundle.soft_labels)  # the run's own: accepted
+    from fitdist.check import check
+
+    assert check(cfg).startswith("config OK")  # `fitdist check` (the launch scripts' first step) agrees
+    with pytest.raises(UserError, match="loss.temperature is 4.0"):
+        check(load_config(cfg_path, ["loss.temperature=4"]))
     with pytest.raises(UserError, match="temperature 2.0 but loss.temperature is 4.0") as e:
         check_run(load_config(cfg_path, ["loss.temperature=4"]), bundle.soft_labels)
     assert where in str(e.value)
