@@ -64,11 +64,10 @@ class Run:
         return {st.get("name") for st in self.config.get("stages") or []
                 if zero(st.get("ce", 1.0)) and zero(st.get("kd", 0.0))}
 
-    def val_curve(self) -> dict[int, float]:
-        """Validation top-1 by step, hint-only stages left out."""
+    def val_curve(self, key: str = "val/top1") -> dict[int, float]:
+        """Validation top-1 by step (`val_ema/top1`: the student EMA's), hint-only stages left out."""
         hint_only = self.hint_only_stages()
-        return {r["step"]: r["val/top1"] for r in self.rows
-                if "val/top1" in r and r.get("stage") not in hint_only}
+        return {r["step"]: r[key] for r in self.rows if key in r and r.get("stage") not in hint_only}
 
     def hint_spans(self) -> list[tuple[int, int]]:
         """(first, last) global step span of each hint-only stage, from the config's step counts."""
@@ -274,12 +273,24 @@ def plot_val(runs: list[Run]):
                         marker=_marker(steps), label=f"{name} (mean of {len(curves)})")
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
                                 color=colour, alpha=0.15)
+        _plot_ema(ax, name if len(group) > 1 else group[0].name, group, colour)
     ax.set(title="validation top-1", xlabel="step", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _plot_ema(ax, name: str, group: list[Run], colour: str) -> None:
+    """The student EMA's top-1 (`train.ema`), dashed in its run's colour: one run's, or the mean of
+    the seeds' at the steps they share."""
+    curves = [c for c in (run.val_curve("val_ema/top1") for run in group) if c]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if steps:
+        mean = [statistics.mean(c[s] for c in curves) for s in steps]
+        ax.plot(steps, mean, color=colour, lw=1.5, ls="--", marker=_marker(steps),
+                label=f"{name} EMA" + (f" (mean of {len(curves)})" if len(curves) > 1 else ""))
 
 
 def _marker(points) -> str | None:
@@ -299,23 +310,26 @@ def _by_config(runs: list[Run]) -> dict[str, list[Run]]:
 
 def results_table(runs: list[Run]) -> str:
     """A markdown table of the final result of every run, best top-1 first."""
+    ema = any(run.final().get("val_ema/top1") is not None for run in runs)  # a column only when some run has one
     header = (
-        "| run | student | teacher | stages | steps | params | MACs | top-1 (%) | top-5 (%) | time (s) "
-        "| img/s | speed-up |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| run | student | teacher | stages | steps | params | MACs | top-1 (%) | top-5 (%) | "
+        + ("EMA top-1 (%) | " if ema else "") + "time (s) | img/s | speed-up |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if ema else "") + "---:|---:|---:|\n"
     )
     lines = []
     ordered = sorted(runs, key=lambda r: -(r.final().get("val/top1") or -1.0))
     for run in ordered:
         final, cfg = run.final(), run.config
-        teacher = (cfg.get("teacher") or {}).get("name", "—")
+        teachers = cfg.get("teachers") or []
+        teacher = (f"{len(teachers)} teachers ({(cfg.get('loss') or {}).get('ensemble', 'mean_probs')})"
+                   if len(teachers) > 1 else (cfg.get("teacher") or {}).get("name", "—"))
         student = final.get("student") or (cfg.get("student") or {}).get("name", "?")
         stages = " → ".join(str(s) for s in run.stages())
         name = run.name + (" (unfinished)" if final.get("unfinished") else "")
         steps = final.get("steps", run.rows[-1]["step"])
         cells = [name, student, teacher, stages, str(steps), _int(final.get("params")),
                  _int(final.get("macs")), _num(final.get("val/top1")), _num(final.get("val/top5")),
-                 _num(final.get("wall_time_s"), 0), _num(final.get("infer/img_per_s"), 0),
+                 *([_num(final.get("val_ema/top1"))] if ema else []), _num(final.get("wall_time_s"), 0), _num(final.get("infer/img_per_s"), 0),
                  _speedup(final.get("infer/speedup"))]
         lines.append("| " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n" + _infer_note(runs)

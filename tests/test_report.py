@@ -191,3 +191,24 @@ def test_measured_speed_is_reported_with_its_device(runs, tmp_path):
     (teacher_row,) = [r for r in text.splitlines() if r.startswith("| teacher |")]
     assert teacher_row.rstrip(" |").endswith("—")
     assert "batch 256" in text and "cpu: Test CPU (2 threads)" in text
+
+
+def test_a_student_ema_is_plotted_dashed_and_tabled(tmp_path):
+    """A run with `train.ema` (real, 10 steps): its EMA top-1 curve is drawn dashed, next to the
+    student's, with the values logged, and the table gains an EMA column with the final one."""
+    from fitdist.report import results_table
+
+    path = write_config(tmp_path / "ema.yaml", student=TEACHER, stages=[{"name": "train", "steps": 10}],
+                        train={**EVAL, "log_every": 5, "eval_every": 5, "ema": {"decay": 0.5}})
+    train(load_config(path))
+    run = read_run(tmp_path / "ema")
+    logged = {r["step"]: r["val_ema/top1"] for r in run.rows if "val_ema/top1" in r}
+    assert sorted(logged) == [5, 10]
+    student, ema = plot_val([run]).axes[0].lines
+    assert ema.get_label() == "ema EMA" and ema.get_linestyle() == "--"
+    assert dict(zip(ema.get_xdata(), ema.get_ydata())) == logged
+    assert student.get_linestyle() == "-"
+    table = results_table([run])
+    assert "EMA top-1 (%)" in table.splitlines()[0]
+    row = table.splitlines()[2].split(" | ")
+    assert row[9] == f"{run.final()['val_ema/top1']:.2f}"
