@@ -38,3 +38,21 @@ def test_two_ranks_split_the_shards_and_write_what_one_process_writes(tmp_path):
         with np.load(tmp_path / "two" / name) as z:  # the storage formula the docs and the bench quote
             arrays, n, key = sum(z[f].nbytes for f in z.files), len(z["keys"]), z["keys"].dtype.itemsize
         assert arrays == n * bytes_per_image(2, 4, 10, key) and n in (10, 7)
+
+
+def test_bench_data_soft_labels_smoke(tmp_path, capsys):
+    from fitdist.bench import data as bench_data
+
+    out = tmp_path / "bench.json"
+    assert bench_data.main(["--soft-labels", "--dir", str(tmp_path), "--classes", "3", "--per-class", "4",
+                            "--size", "32", "--batch", "4", "--batches", "1", "--reps", "2", "--views", "3",
+                            "--topk", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["soft_labels"]
+    assert (res["views"], res["topk"], res["rounds"]) == (3, 2, 2)
+    key = len("n00000000/n00000000_train_000000")  # imagefolder keys: <class>/<file stem>
+    assert res["key_bytes"] == key
+    assert res["bytes_per_image_arrays"] == res["bytes_per_image_formula"] == 3 * (2 * 4 + 10) + key
+    assert res["bytes_per_image"] > res["bytes_per_image_arrays"]  # plus the npz headers
+    assert res["label_img_per_s"] > 0 and min(res["reader_img_per_s"].values()) > 0
+    assert res["grid_bytes_per_image_1000_classes"]["R=10,k=10"] == 525
+    assert "Soft labels (R=3, k=2" in capsys.readouterr().out

@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fitdist.config import Config, DataConfig, LossConfig, TeacherConfig
@@ -26,9 +27,9 @@ from fitdist.data.wds import build_webdataset
 VIEW_BYTES = 5 * 2  # top, left, height, width, flip as int16
 
 
-def bytes_per_image(views: int, topk: int, classes: int, key: int = 13) -> int:
+def bytes_per_image(views: int, topk: int, classes: int, key: int = 25) -> int:
     """Label bytes of one image: the arrays of the format, without the file's headers (`key`: the
-    key's bytes, 13 for ImageNet's `train-1281166`)."""
+    key's bytes, ~25 for ImageNet's `n01440764/n01440764_10026`)."""
     index = 2 if classes <= 2**16 else 4
     return views * (topk * (index + 2) + VIEW_BYTES) + key
 
@@ -79,6 +80,11 @@ def soft_label_figures(shards: Path, out: Path, classes: int, size: int, batch: 
 
         shutil.rmtree(labels)  # the writing figure is a fresh run's
     written = label(cfg, views, topk, batch=64, progress=False)
+    arrays, images, key = 0, 0, 0
+    for f in sorted(labels.glob("*.soft.npz")):  # what the arrays hold, headers aside
+        with np.load(f) as z:
+            arrays += sum(z[name].nbytes for name in z.files)
+            images, key = images + len(z["keys"]), max(key, z["keys"].dtype.itemsize)
     plain_cfg = dataclasses.replace(cfg.data, soft_labels=None, num_workers=0)
     plain, joined = paired_rates(build_webdataset(plain_cfg, batch, batch, 0),
                                  build_webdataset(dataclasses.replace(plain_cfg, soft_labels=str(labels)), batch, batch, 0),
@@ -92,7 +98,9 @@ def soft_label_figures(shards: Path, out: Path, classes: int, size: int, batch: 
         "label_img_per_s": written["img_per_s"],
         "label_views_per_s": round(written["img_per_s"] * views, 1),
         "bytes_per_image": written["bytes_per_image"],
-        "bytes_per_image_arrays": bytes_per_image(views, topk, classes),
+        "bytes_per_image_arrays": round(arrays / images, 1),
+        "bytes_per_image_formula": bytes_per_image(views, topk, classes, key),
+        "key_bytes": key,
         "reader_img_per_s": {k: round(v, 1) for k, v in best.items()},
         "rounds": rounds,
         "join_over_plain": round(ratio, 3),  # median over rounds of the paired ratio
@@ -109,7 +117,8 @@ def lines(res: dict, batch: int, size: int) -> list[str]:
     return [
         f"Soft labels (R={res['views']}, k={res['topk']}, teacher {res['teacher']} with random weights):",
         (f"- fitdist label: {res['label_img_per_s']} img/s ({res['label_views_per_s']} views/s), "
-         f"{res['bytes_per_image']} bytes/image on disk ({res['bytes_per_image_arrays']} in the arrays)"),
+         f"{res['bytes_per_image']} bytes/image on disk ({res['bytes_per_image_arrays']} in the arrays, keys of "
+         f"{res['key_bytes']} bytes)"),
         (f"- reader, batch {batch}, in-process, 1 thread, RandomResizedCrop {size}, median of {res['rounds']} "
          f"alternating rounds: {res['reader_img_per_s']['plain']} img/s without the join, "
          f"{res['reader_img_per_s']['joined']} with it; paired ratio {res['join_over_plain']}x "
