@@ -228,3 +228,17 @@ def test_training_from_stored_labels_builds_no_teacher(setup, tmp_path, monkeypa
     monkeypatch.setattr(trainer, "build_teachers", no_teacher)
     summary = trainer.train(load_config(cfg_path, [f"run.dir={tmp_path / 'run'}"]))
     assert summary["steps"] == 2 and summary["val/n"] == 13
+
+
+def test_loader_workers_replay_the_stored_views_too(setup):
+    _, cfg_path = setup
+    cfg = load_config(cfg_path, ["data.num_workers=2"])
+    bundle = build_data(cfg.data, 8, 8, 0)
+    from fitdist.data.soft_labels import dense_target
+
+    it = bundle.train_batches(0)
+    for _ in range(3):  # batches from both workers (each with its own view generator)
+        images, _, idx, prob = next(it)
+        p, _ = online_probs(cfg, bundle, images)
+        fp16_close(dense_target(idx, prob, 10), p)
+    it.close()
