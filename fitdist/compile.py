@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from fitdist.config import Config, StageConfig, teacher_list
+from fitdist.config import Config, StageConfig, teacher_ids, teacher_list
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.stage import probe_backward
 
@@ -80,8 +80,10 @@ def compile_models(cfg: Config, student: Student, teacher: FrozenTeacher | None,
     """Compiles the student's backbone forward and the teacher's forward, at their first call."""
     mode = cfg.train.compile_mode
     student.tap.run = CompiledRun(student.tap.run_model, f"student {cfg.student.name}", mode, warn)
-    for t, spec in zip(_teachers(teacher), teacher_list(cfg)):  # each teacher's forward, compiled on its own
-        t.tap.run = CompiledRun(t.tap.run_model, f"teacher {spec.name}", mode, warn)
+    teachers, ids = _teachers(teacher), teacher_ids(cfg)
+    for t, spec, tid in zip(teachers, teacher_list(cfg), ids):  # each teacher's forward, compiled on its own
+        name = f"teacher {spec.name}" if len(teachers) == 1 else f"teacher {tid} ({spec.name})"
+        t.tap.run = CompiledRun(t.tap.run_model, name, mode, warn)
 
 
 def _teachers(teacher) -> list[FrozenTeacher]:

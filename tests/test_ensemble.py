@@ -327,3 +327,4 @@ def test_dry_run_lists_each_teacher_its_macs_and_the_stages_that_run_it(tmp_path
         assert t["macs"] == count_macs(model, torch.randn(1, 1, 28, 28)) and t["name"] == spec["name"]
     assert out["teacher"]["macs"] == listed["a"]["macs"]
     assert out["hints"][0]["teacher_shape"] == [8, 7, 7]  # b's conv3 (widths 4, 8, 8), not a's (8, 8, 16)
+
