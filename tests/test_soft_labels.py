@@ -161,6 +161,12 @@ def test_labelling_resumes_per_shard_and_refuses_another_manifest(setup, tmp_pat
     assert after.rows == before.rows and (after.views == before.views).all() and (after.idx == before.idx).all()
     np.testing.assert_allclose(after.prob.astype(np.float32), before.prob.astype(np.float32), rtol=2**-10)
     # another k, T or teacher into the same directory: one line, exit 2, naming the manifest
+    from fitdist.data.label_writer import main as label_main
+
+    with pytest.raises(UserError, match="^fitdist label: unrecognized arguments: --bogus$"):
+        label_main([str(cfg_path), "loss.temperature=2", "--bogus"])
+    with pytest.raises(UserError, match="--topk must be 1 to 10"):
+        label_main([str(cfg_path), f"data.soft_labels={tmp_path / 'other'}", "--topk", "11"])
     for extra in (["--topk", "5"], ["loss.temperature=4"]):
         r = run_cli("label", cfg_path, f"data.soft_labels={labels}", "--views", str(R), "--no-progress", *extra)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json" in r.stderr, r.stderr

@@ -52,9 +52,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fitdist label", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="fitdist label", description=__doc__.split("\n\n")[0],
+                usage="fitdist label CONFIG [key=value ...] [--views R] [--topk K] [--batch-size N] [--out DIR] "
+                      "[--no-progress]", epilog="key=value: dotted overrides of the config, as for train")
     p.add_argument("config", help="YAML config file (its teacher, data and loss.temperature)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
     p.add_argument("--views", type=int, default=10, help="augmented views stored per image, R (default 10)")
     p.add_argument("--topk", type=int, default=10, help="probabilities stored per view, k (default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="views per teacher forward (default 256)")
@@ -64,7 +65,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)  # overrides may follow the flags
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    bad = [arg for arg in rest if arg.startswith("-") or "=" not in arg]  # overrides may follow the flags
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = rest
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     cfg = load_config(args.config, args.overrides)
