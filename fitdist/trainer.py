@@ -96,9 +96,11 @@ class _Run:
             self.strategy.check_optim(stage.optim or cfg.optim)
         self.ema = None
         if cfg.train.ema is not None:
-            if getattr(self.strategy, "zero_stage", 0) == 3:
-                raise dist.every_rank(UserError("train.ema: not available under DeepSpeed ZeRO-3 yet (its weights "
-                                                "are partitioned); use ZeRO 0-2 or DDP"))
+            offload = getattr(self.strategy, "user", {}).get("zero_optimization", {}).get("offload_param") or {}
+            if getattr(self.strategy, "zero_stage", 0) == 3 and offload.get("device") == "nvme":
+                # the partitions live on disk between steps: there is nothing on the device to average
+                raise dist.every_rank(UserError("train.ema: not available under DeepSpeed ZeRO-3 with "
+                                                "zero_optimization.offload_param.device nvme; use cpu or none"))
             e = cfg.train.ema
             self.ema = StudentEMA(self.student.backbone, e.decay, e.every, e.warmup)
 
@@ -210,6 +212,8 @@ class _Run:
         if self.saved != pos.global_step:  # end of stage: evaluate and checkpoint once
             self._log_row(stage, window, evaluate_now=True)
             self._checkpoint(prepared)
+        if self.ema is not None:
+            self.ema.gather()  # every rank, before ZeRO-3's partitions go: whole for the export
         self.strategy.end_stage()
 
     def _check_finite(self, row: dict) -> None:
@@ -260,6 +264,7 @@ class _Run:
                 metrics = evaluate(student.backbone, self.data.val_batches(), self.env.device, self.cfg.train.precision,
                                    self.data.to_device)
             if self.ema is not None:
+                self.ema.gather()  # every rank (same step): ZeRO-3's per-partition updates made whole
                 ema = evaluate(self.ema.module, self.data.val_batches(), self.env.device, self.cfg.train.precision,
                                self.data.to_device)
                 metrics.update({k.replace("val/", "val_ema/"): v for k, v in ema.items()})
@@ -273,6 +278,8 @@ class _Run:
         if not finite:
             self.logger.print(f"warning: non-finite weights at step {pos.global_step}; checkpoint not written")
             return
+        if self.ema is not None:
+            self.ema.gather()  # every rank: the checkpoint holds the whole EMA (ZeRO-3)
         optimizer_state = self.strategy.optimizer_state(optimizer, self.run_dir, pos.global_step)  # all ranks
         rngs = dist.gather_objects(rng_state())  # every rank's own generators, in rank order
         with self.strategy.gathered(self.student) as student:

@@ -19,8 +19,15 @@ def main(config: str, out: str, *overrides: str) -> None:
     gathered = fdist.gather_objects(state)
     if env.is_main:
         mismatched = [k for k in state if not all(torch.equal(g[k], state[k]) for g in gathered)]
+        report = {"world": env.world, "mismatched": mismatched, "keys": len(state), "summary": summary}
+    if run.ema is not None:  # train.ema: whether every rank ends with the same (whole) EMA
+        ema = {k: v.clone() for k, v in run.ema.module.state_dict().items()}
+        everyone = fdist.gather_objects(ema)
+        if env.is_main:
+            report["ema_mismatched"] = [k for k in ema if not all(torch.equal(g[k], ema[k]) for g in everyone)]
+    if env.is_main:
         with open(out, "w") as f:
-            json.dump({"world": env.world, "mismatched": mismatched, "keys": len(state), "summary": summary}, f)
+            json.dump(report, f)
     fdist.teardown()
 
 
