@@ -1,6 +1,8 @@
 """Student EMA: the closed form on random weights, exact resume, `student_ema.pt`, evaluation
 beside the student, and a quiet step that still makes no host sync with the EMA and a teacher
-that re-normalises its input on."""
+that re-normalises its input on. Under DeepSpeed: ZeRO-2 exports it; ZeRO-3 updates it per
+partition without reads or collectives, gathers it whole (equal to ZeRO-2's on two processes,
+the ranks agreeing) and resumes it exactly; NVMe parameter offload is refused."""
 
 import json
 import shutil
@@ -173,3 +175,68 @@ def test_under_deepspeed_zero3_the_ema_is_updated_per_partition_gathered_exporte
 
 def load_pt(path):
     return torch.load(path, weights_only=True)
+
+
+def test_under_zero3_an_update_reads_nothing_and_calls_no_collective_and_decay_0_is_the_student(tmp_path, monkeypatch):
+    """One process (a 1-process group), ZeRO-3 as shipped: every EMA update takes the per-partition
+    path and makes no host read and no collective (each gather one all-gather); with decay 0 the
+    exported EMA is the final student exactly (weights and BatchNorm buffers)."""
+    import os
+
+    from test_deepspeed import ZERO3
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported here
+    import torch.distributed as tdist
+
+    from fitdist import ema as ema_module
+
+    inside, events, partitioned, gathers = [False], [], [], []
+    real_update, real_gather = ema_module.StudentEMA.update, ema_module.StudentEMA.gather
+
+    def update(self):
+        inside[0] = True
+        try:
+            real_update(self)
+        finally:
+            inside[0] = False
+        partitioned.append(len(self._partitioned))
+
+    def gather(self):
+        before = len(events)
+        inside[0] = "gather"
+        try:
+            real_gather(self)
+        finally:
+            inside[0] = False
+        gathers.append([name for _, name in events[before:]])
+        del events[before:]
+
+    def record(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            if inside[0]:
+                events.append((inside[0], name))
+            return real(*a, **k)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        record(torch.Tensor, name)
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                 "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list"):
+        record(tdist, name)
+    monkeypatch.setattr(ema_module.StudentEMA, "update", update)
+    monkeypatch.setattr(ema_module.StudentEMA, "gather", gather)
+    config = write_config(tmp_path / "z3.yaml", stages=[{"name": "train", "steps": 5}],
+                          data={"source": "fashion-mnist", "train_subset": 256},
+                          strategy={"kind": "deepspeed", "deepspeed_config": str(ZERO3)},
+                          train={"batch_size": 16, "log_every": 2, "checkpoint_every": 0, "threads": 1,
+                                 "eval_batch_size": 1000, "ema": {"decay": 0.0}})
+    cfg = load_config(config)
+    train(cfg)
+    assert events == [] and len(partitioned) == 5 and min(partitioned) > 0
+    assert ["all_gather"] in gathers and all(g in ([], ["all_gather"]) for g in gathers), gathers
+    ema, student = load_pt(cfg.run_dir / "student_ema.pt"), load_pt(cfg.run_dir / "student.pt")
+    assert ema.keys() == student.keys() and any("running_mean" in k for k in ema)
+    for k in student:
+        assert torch.equal(ema[k], student[k].to(ema[k].dtype)), k
