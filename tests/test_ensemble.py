@@ -1,9 +1,8 @@
-"""Teacher ensembles (fitdist/ensemble.py): config, the three KD targets against closed forms, which
-teachers a stage runs, the `sample` draw, resume exactness, and nothing of a teacher in a checkpoint."""
+"""Teacher ensembles: config, the KD targets against closed forms, which teachers a stage runs, the
+`sample` draw, `fitdist eval --teachers`, check and the dry run (end-to-end runs: test_ensemble_runs.py)."""
 
 import collections
 import math
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from fitdist.distiller import Distiller, FrozenTeacher
 from fitdist.ensemble import Ensemble
 from fitdist.errors import UserError
 from fitdist.models import build_model
-from fitdist.trainer import train
 
 SMALL = {"name": "fitdist:fitnet", "kwargs": {"widths": [8, 8, 16], "pool_after": [1, 2]}}
 OTHER = {"name": "fitdist:fitnet", "kwargs": {"widths": [4, 8, 8], "pool_after": [1, 2]}}
@@ -207,50 +205,6 @@ def test_the_sample_draw_is_reproducible_follows_the_weights_and_differs_by_rank
         assert torch.equal(out.logits, teachers[drawn].model(x))
 
 
-# ------------------------------------------------------------------ end to end
-
-
-def test_sample_mode_resumes_exactly_and_no_teacher_is_in_a_checkpoint(tmp_path, monkeypatch):
-    path = write_config(tmp_path / "r.yaml", teachers=two_teachers(tmp_path),
-                        hints=[{"student": "conv3", "teacher": "conv2", "from": "b"}],
-                        stages=[{"name": "hint", "steps": 4, "ce": 0, "hint": 1},
-                                {"name": "kd", "steps": 6, "ce": 1, "kd": 1}],
-                        loss={"ensemble": "sample"}, data={"source": "fashion-mnist", "train_subset": 512},
-                        train={"batch_size": 16, "grad_accum": 2, "log_every": 5, "eval_batch_size": 1000,
-                               "threads": 1})
-    overrides = ["deterministic=true", "train.checkpoint_every=3", "run.keep_checkpoints=10"]
-    cfg = load_config(path, overrides)
-    train(cfg)
-    full = (cfg.run_dir / "student.pt").read_bytes()
-    for ckpt in sorted((cfg.run_dir / "checkpoints").iterdir()):  # "kill" it after step 6 (inside stage kd)
-        if int(ckpt.name.split("-")[1]) > 6:
-            shutil.rmtree(ckpt)
-    (cfg.run_dir / "student.pt").unlink()
-    assert train(load_config(path, overrides), resume=True)["steps"] == 10
-    assert (cfg.run_dir / "student.pt").read_bytes() == full
-    # a run that draws other teachers ends elsewhere: the draw matters, and resume reproduced it
-    draw = Ensemble.draw
-    monkeypatch.setattr(Ensemble, "draw", lambda self, step, micro: draw(self, step + 1, micro))
-    other = train(load_config(path, [*overrides, f"run.dir={tmp_path / 'other'}"]))
-    monkeypatch.undo()
-    assert other["steps"] == 10 and (tmp_path / "other" / "student.pt").read_bytes() != full
-    student_keys = set(build_model(ModelConfig(STUDENT["name"], STUDENT["kwargs"]), 10, 1).state_dict())
-    assert set(torch.load(cfg.run_dir / "student.pt", weights_only=True)) == student_keys
-    state = torch.load(cfg.run_dir / "checkpoints" / "step-00000010" / "trainer.pt", weights_only=True)
-    keys = set(state["student"])
-    assert {k for k in keys if not k.startswith("regressors.")} == {f"backbone.{k}" for k in student_keys}
-    assert "teacher" not in str(sorted(k for k in state if k != "config"))
-
-
-@pytest.mark.parametrize("mode", ["mean_probs", "mean_logits"])
-def test_an_ensemble_kd_run_trains(tmp_path, mode):
-    path = write_config(tmp_path / "k.yaml", teachers=two_teachers(tmp_path), loss={"ensemble": mode},
-                        stages=[{"name": "kd", "steps": 3, "ce": 1, "kd": 1}],
-                        data={"source": "fashion-mnist", "train_subset": 256})
-    summary = train(load_config(path))
-    assert summary["steps"] == 3 and summary["val/n"] == 10000
-
-
 # ------------------------------------------------------------------ fitdist eval --teachers
 
 
@@ -327,4 +281,5 @@ def test_dry_run_lists_each_teacher_its_macs_and_the_stages_that_run_it(tmp_path
         assert t["macs"] == count_macs(model, torch.randn(1, 1, 28, 28)) and t["name"] == spec["name"]
     assert out["teacher"]["macs"] == listed["a"]["macs"]
     assert out["hints"][0]["teacher_shape"] == [8, 7, 7]  # b's conv3 (widths 4, 8, 8), not a's (8, 8, 16)
+
 
