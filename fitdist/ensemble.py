@@ -115,7 +115,7 @@ class Ensemble:
                 taken[i] += 1
         if not kd:
             return Targets(None, None, feats)
-        kd_runs = [i for i, full in run.items() if full]
+        kd_runs = sorted(i for i, full in run.items() if full)  # teacher order, whatever ran first
         if self.mode == "sample":
             return Targets(outputs[kd_runs[0]][0], None, feats)
         if self.mode == "mean_logits":

@@ -179,9 +179,12 @@ def test_a_hint_stage_runs_only_the_hint_teacher_up_to_its_hint_layer_and_kd_run
         h.remove()
     assert torch.equal(out.hints[0], feats["o"])
     calls_a.clear(), calls_b.clear()
+    ens = Ensemble([a, b], [1, 3], ["a", "b"], hint_from=[1])  # b, the hint teacher, runs first
     out = ens(x, kd=True, hints=True, temperature=2.0)  # a mixed stage: both to their logits, b's hint too
-    assert calls_a["fc"] == 1 and calls_b["fc"] == 1 and out.probs.shape == (2, 10)
-    assert len(out.hints) == 1
+    assert calls_a["fc"] == 1 and calls_b["fc"] == 1 and len(out.hints) == 1
+    with torch.no_grad():  # each teacher's probabilities with its own weight
+        want = 0.25 * F.softmax(a.model(x) / 2, -1) + 0.75 * F.softmax(b.model(x) / 2, -1)
+    torch.testing.assert_close(out.probs, want)
 
 
 def test_the_sample_draw_is_reproducible_follows_the_weights_and_differs_by_rank(seed):
