@@ -8,7 +8,8 @@ by the random initial weights. Integer buffers (BatchNorm's `num_batches_tracked
 
 The update is device ops only (`torch._foreach_lerp_`, the decay a host float computed from
 the host's update count): a step makes no device→host sync and no collective for it. Every rank
-holds the same EMA, as it holds the same weights (DDP, DeepSpeed ZeRO 0-2).
+holds the same EMA, as it holds the same weights (DDP, DeepSpeed ZeRO 0-2; DeepSpeed leaves each
+rank its own BatchNorm running statistics, and so their averages).
 
 DeepSpeed ZeRO-3 partitions the student's parameters: rank r of a partition group of W holds
 elements [r·P, (r+1)·P) of each flattened parameter (`param.ds_tensor`, P = ⌈numel / W⌉, the last
@@ -115,10 +116,13 @@ class StudentEMA:
             offset += size
         received = [torch.empty_like(send) for _ in range(world)]
         tdist.all_gather(received, send, group=group)
-        whole = torch.stack(received)  # [rank, partitions of every parameter]
         offset = 0
-        for e, size in pieces:
-            e.view(-1).copy_(whole[:, offset:offset + size].reshape(-1)[:e.numel()])
+        for e, size in pieces:  # rank r's partition into elements [r·P, (r+1)·P), its padding dropped
+            flat = e.view(-1)
+            for r, part in enumerate(received):
+                n = min(size, e.numel() - r * size)
+                if n > 0:
+                    flat[r * size:r * size + n].copy_(part[offset:offset + n])
             offset += size
         self._partitioned = []
 
