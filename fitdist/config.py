@@ -476,6 +476,8 @@ def validate(cfg: Config) -> Config:
 def _validate_teachers(cfg: Config) -> None:
     """`teacher` and `teachers` made one list (`teachers`, `teacher` its first: the same objects),
     ids unique, weights positive, and each hint's `from` naming one of them."""
+    if cfg.teacher is not None and cfg.teachers and cfg.teacher != cfg.teachers[0]:  # built in code, not loaded
+        raise UserError("teacher and teachers: give one of them (a single teacher: X is teachers: [X])")
     if cfg.teacher is not None and not cfg.teachers:
         cfg.teachers = [cfg.teacher]
     elif cfg.teachers:

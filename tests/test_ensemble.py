@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import STUDENT, run_cli, write_config
 
-from fitdist.config import ModelConfig, load_config
+from fitdist.config import ModelConfig, TeacherConfig, load_config
 from fitdist.distiller import Distiller, FrozenTeacher
 from fitdist.ensemble import Ensemble
 from fitdist.errors import UserError
@@ -75,6 +75,16 @@ def test_bad_teachers_configs_are_one_line_errors(tmp_path, sections, overrides,
     path = write_config(tmp_path / "bad.yaml", **sections)
     with pytest.raises(UserError, match=message):
         load_config(path, overrides)
+
+
+def test_a_config_built_in_code_with_both_forms_is_refused_and_validation_is_idempotent():
+    from fitdist.config import Config, validate
+
+    a, b = TeacherConfig(**SMALL, id="a"), TeacherConfig(**OTHER, id="b")
+    with pytest.raises(UserError, match=r"^teacher and teachers: give one of them"):
+        validate(Config(teacher=a, teachers=[b]))
+    cfg = validate(validate(Config(teachers=[a, b])))  # a validated config validates again unchanged
+    assert cfg.teacher is a and cfg.teachers == [a, b]
 
 
 def test_a_teacher_predicting_other_classes_is_an_error_naming_it(tmp_path):
