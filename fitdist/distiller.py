@@ -5,7 +5,8 @@
   synchronise the regressors' gradients too; its `state_dict` is what training checkpoints hold,
   while `student.pt` is the backbone alone.
 - `Distiller`: a plain class (not a module, so the teacher never leaks into a `state_dict`) that
-  returns the named loss terms of one micro-batch.
+  returns the named loss terms of one micro-batch. Its teachers are an `Ensemble`
+  (fitdist/ensemble.py; a lone teacher is an ensemble of one, the single-teacher path unchanged).
 """
 
 from __future__ import annotations
