@@ -26,8 +26,8 @@ def config_path(path: str) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "config.yaml"
-    if not p.is_file():
-        raise UserError(f"eval --teachers: no config file {p} (give a YAML config with teachers, or a run directory)")
+    if not p.is_file() or p.suffix not in (".yaml", ".yml"):
+        raise UserError(f"eval --teachers: no YAML config {p} (give a config with teachers, or a run directory)")
     return p
 
 

@@ -257,6 +257,12 @@ def test_eval_teachers_reports_each_member_and_the_weighted_mean_probs_ensemble(
     assert got["ensemble"]["top1"] not in (got["teachers"]["a"]["top1"], got["teachers"]["b"]["top1"])
     bad = run_cli("eval", write_config(tmp_path / "none.yaml"), "--teachers")
     assert bad.returncode == 2 and "has no teacher" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    from fitdist.evaluate_ensemble import evaluate_teachers
+
+    for wrong in (teachers[0]["weights"], tmp_path / "absent.yaml", tmp_path / "empty-dir"):
+        (tmp_path / "empty-dir").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=r"^eval --teachers: no YAML config "):
+            evaluate_teachers(str(wrong))
 
 
 def test_check_names_the_ensemble_member_at_fault(tmp_path):
