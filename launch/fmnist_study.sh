@@ -104,9 +104,10 @@ depth_study() {  # depth_study DIR [key=value ...]: the depth study, overrides o
   done
 }
 
-collapse_study() {  # the no-BatchNorm 15-layer FitNets collapse: one factor changed per run (seed 0)
+collapse_study() {  # the no-BatchNorm 15-layer FitNets collapse: one factor changed per run (seed 0),
+  # at a shorter budget than the other parts (300 hint + 500 KD steps): the collapse shows in the first KD steps
   teacher
-  local nobn=(student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true)
+  local nobn=(student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true stages.1.steps=500)
   read -r -a nobn15 <<<"$(depth_student 5)"
   local name factor
   while read -r name factor; do
@@ -115,23 +116,60 @@ collapse_study() {  # the no-BatchNorm 15-layer FitNets collapse: one factor cha
   done <<'EOF_FACTORS'
 base
 clip1 optim.max_grad_norm=1
-maxnorm2 optim.max_norm=2
+control-lr0 stages.0.optim.lr=0
 lambda1 stages.1.kd=1.0
 ce-only stages.1.kd=0
-lr0.001 stages.1.optim.lr=0.001
+maxnorm2 optim.max_norm=2
 lr0.003 stages.1.optim.lr=0.003
 regressor-linear hints.0.relu=false
-control-lr0 stages.0.optim.lr=0
+lr0.001 stages.1.optim.lr=0.001
+maxnorm1.5 optim.max_norm=1.5
 EOF_FACTORS
-  for method in scratch kd; do
-    run "$OUT/collapse/$method" "$CONFIGS/fmnist-$method.yaml" "name=collapse-$method" "${nobn15[@]:0:2}" "${nobn[@]}"
+}
+
+regime_student() {  # regime_student D: D conv layers in thirds a, a, D - 2a (a = round(D/3)), ~11M MACs
+  local d=$1 a w widths="" i
+  a=$(((d + 1) / 3))
+  case $d in 11) w=14 ;; 15) w=12 ;; 19) w=10 ;; 23) w=9 ;; *) echo "regime depth $d: one of 11 15 19 23" >&2; exit 2 ;; esac
+  for i in $(seq "$a"); do widths="$widths,$w"; done
+  for i in $(seq "$a"); do widths="$widths,$((2 * w))"; done
+  for i in $(seq $((d - 2 * a))); do widths="$widths,$((3 * w))"; done
+  echo "student.kwargs.widths=[${widths#,}] student.kwargs.pool_after=[$a,$((2 * a))] hints.0.student=conv$((2 * a))"
+}
+
+regime_study() {  # thin students without BatchNorm, 11 to 23 conv layers, scratch / KD / FitNets (seed 0)
+  teacher
+  local depth method overrides aids
+  read -r -a aids <<<"${REGIME_AIDS:-}"
+  for depth in ${REGIME_DEPTHS:-11 15 19 23}; do
+    read -r -a overrides <<<"$(regime_student "$depth")"
+    for method in scratch kd fitnets; do
+      local extra=("${overrides[@]}")
+      [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")
+      run "$OUT/regime/d$depth-$method" "$CONFIGS/fmnist-$method.yaml" "name=regime$depth-$method" "${extra[@]}" \
+        student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true "${aids[@]}"
+    done
+  done
+}
+
+stored_study() {  # KD from stored soft labels (fitdist label) against online KD, on the same shards
+  teacher
+  local shards="$OUT/stored/shards" labels="$OUT/stored/labels-r10-k10" seed
+  local wds=(data.source=webdataset "data.root=$shards" data.augment=light)
+  if [ ! -f "$shards/manifest.json" ]; then "$VENV/bin/fitdist" shard fashion-mnist "$shards" --shard-size 10000; fi
+  "$VENV/bin/fitdist" label "$CONFIGS/fmnist-kd.yaml" "teacher.weights=$TEACHER" "${wds[@]}" \
+    "data.soft_labels=$labels" --views 10 --topk 10 --no-progress  # resumes: finished shards are kept
+  for seed in $SEEDS; do
+    run "$OUT/stored/online-kd-s$seed" "$CONFIGS/fmnist-kd.yaml" "seed=$seed" name=fmnist-kd-online "${wds[@]}"
+    run "$OUT/stored/stored-kd-s$seed" "$CONFIGS/fmnist-kd.yaml" "seed=$seed" name=fmnist-kd-stored "${wds[@]}" \
+      "data.soft_labels=$labels"
   done
 }
 
 report() {
   "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
   local part
-  for part in depth nobn ensemble collapse; do
+  for part in depth nobn ensemble collapse regime stored; do
     if [ -d "$OUT/$part" ]; then "$VENV/bin/fitdist" report "$OUT/$part"/* --out "$OUT/report-$part"; fi
   done
 }
@@ -142,6 +180,8 @@ case "${1:-all}" in
   nobn) depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01 ;;
   ensemble) ensemble_study ;;
   collapse) collapse_study ;;
+  regime) regime_study ;;
+  stored) stored_study ;;
   report) report ;;
   all) main_study; depth_study depth; depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01; ensemble_study
     report ;;

@@ -22,7 +22,8 @@ from fitdist.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "deepspeed" not in p.parts)
 PACKAGED = sorted((ROOT / "fitdist" / "configs").glob("*.yaml"))
-SMALL = {"imagenet": ["data.image_size=64"]}
+# the teachers' named weights would resize their input to their own 224 px: held at 64 too
+SMALL = {"imagenet": ["data.image_size=64", "teacher.input.size=64"]}
 
 # student params (exact, from the zoo / torchvision) for the CIFAR-100 and ImageNet students
 PARAMS = {

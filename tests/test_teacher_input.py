@@ -111,7 +111,9 @@ def test_named_weights_default_to_their_own_statistics(hub):  # noqa: F811
     assert teacher.input_map.t_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert teacher.input_map.t_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
     # declared statistics win over the weights' own; the ImageNet student's own need no re-normalising
-    imagenet = bundle(3, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], classes=1000)
+    imagenet = bundle(3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], classes=1000)
     assert build_teacher(cfg, imagenet).input_map is None
+    small = build_teacher(cfg, bundle(3, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], classes=1000)).input_map
+    assert not small.renormalise and small.size == 224  # the same statistics, the weights' own crop size
     declared = dataclasses.replace(cfg.teacher, input=TeacherInputConfig(mean=[0.5] * 3, std=[0.5] * 3))
     assert build_teacher(dataclasses.replace(cfg, teacher=declared), imagenet).input_map.t_mean.flatten().tolist() == [0.5] * 3
