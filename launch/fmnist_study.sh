@@ -58,9 +58,12 @@ ensemble_study() {  # three teachers (seeds 0, 1, 2), then the main study's stud
   teacher
   local s seed best
   for s in 1 2; do run "$OUT/ensemble/teacher-s$s" "$CONFIGS/fmnist-teacher.yaml" "seed=$s"; done
-  "$VENV/bin/fitdist" eval --teachers "$CONFIGS/fmnist-kd-ensemble.yaml" "teachers.0.weights=$TEACHER" \
-    "teachers.1.weights=$OUT/ensemble/teacher-s1/student.pt" "teachers.2.weights=$OUT/ensemble/teacher-s2/student.pt" \
-    >"$OUT/ensemble/teachers.json"
+  if [ ! -s "$OUT/ensemble/teachers.json" ]; then  # each teacher and the ensemble, on the test split
+    "$VENV/bin/fitdist" eval --teachers "$CONFIGS/fmnist-kd-ensemble.yaml" "teachers.0.weights=$TEACHER" \
+      "teachers.1.weights=$OUT/ensemble/teacher-s1/student.pt" "teachers.2.weights=$OUT/ensemble/teacher-s2/student.pt" \
+      >"$OUT/ensemble/teachers.json.tmp"
+    mv "$OUT/ensemble/teachers.json.tmp" "$OUT/ensemble/teachers.json"
+  fi
   best=$("$VENV/bin/python" -c 'import json, sys; runs = sys.argv[1:]
 print(max(runs, key=lambda r: json.load(open(r + "/summary.json"))["val/top1"]))' \
     "$OUT/teacher" "$OUT/ensemble/teacher-s1" "$OUT/ensemble/teacher-s2")
