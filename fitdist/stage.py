@@ -178,8 +178,9 @@ def train_step(cfg: Config, prepared: PreparedStage, strategy: Strategy, batches
                weights: dict[str, float], device: torch.device, window: Window,
                to_device: Callable = move_images, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `train.grad_accum` micro-batches, each micro-batch's loss terms
-    added to `window`; `step` is the run's global step (which teacher `loss.ensemble: sample` draws). Returns `(grad norm, stepped)` from `strategy.step`, device tensors: the
-    step itself reads nothing back to the host."""
+    added to `window`; `step` is the run's global step (which teacher `loss.ensemble: sample`
+    draws). Returns `(grad norm, stepped)` from `strategy.step`, device tensors: the step itself
+    reads nothing back to the host."""
     accum = cfg.train.grad_accum
     for micro in range(accum):
         images, labels, *soft = next(batches)  # with data.soft_labels: + stored top-k (indices, probabilities)
