@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from fitdist import pretrained
-from fitdist.config import Config, TeacherConfig, hint_teacher, teacher_ids, teacher_key, teacher_list
+from fitdist.config import (
+    Config,
+    TeacherConfig,
+    hint_teacher,
+    teacher_ids,
+    teacher_key,
+    teacher_list,
+)
 from fitdist.data import DataBundle
 from fitdist.distiller import FrozenTeacher, Student
 from fitdist.ensemble import Ensemble

@@ -18,8 +18,15 @@ import torch
 
 from fitdist import dist
 from fitdist.build import build_student, build_teachers, place, probe_input
-from fitdist.checkpoint import (list_checkpoints, load_checkpoint, load_checkpoint_at, rng_state, save_checkpoint,
-                                save_file, set_rng_state)
+from fitdist.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_checkpoint_at,
+    rng_state,
+    save_checkpoint,
+    save_file,
+    set_rng_state,
+)
 from fitdist.compile import compile_models, eager
 from fitdist.config import Config, StageConfig, _build, dump_config, to_dict, validate
 from fitdist.data import build_data

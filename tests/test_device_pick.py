@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_config
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="this node's GPUs are usable")

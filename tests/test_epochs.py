@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, write_config
+
 from fitdist.config import load_config
 from fitdist.errors import UserError
 from fitdist.trainer import train
