@@ -12,8 +12,9 @@
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
 #   bash launch/fmnist_study.sh [main|depth|nobn|ensemble|report|all]    (default: all)
 # Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
-# "0 1 2"), DEPTHS (default "3 6 9 12 15"; two processes can split them). A finished run
-# (summary.json present) is kept; an interrupted one resumes.
+# "0 1 2"), DEPTHS (default "3 6 9 12 15"). A finished run (summary.json present) is kept; an
+# interrupted one resumes; one that another live process of this script is training is skipped,
+# so two processes (one per core) can run the same part side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x "${VENV:-.venv}/bin/fitdist" ]; then source launch/setup.sh; fi
@@ -37,8 +38,13 @@ run() {  # run DIR CONFIG [key=value ...]: train unless DIR already holds a fini
     *-kd.yaml | *-fitnets*.yaml) set -- "teacher.weights=${TEACHER_WEIGHTS:-$TEACHER}" "$@" ;;
   esac
   if [ -f "$dir/summary.json" ]; then echo "finished: $dir"; return; fi
+  # a run another live process of this script is training is left to it (two processes can share a part)
+  local lock="$dir.lock"
+  if [ -f "$lock" ] && kill -0 "$(cat "$lock")" 2>/dev/null; then echo "running in process $(cat "$lock"): $dir"; return; fi
+  mkdir -p "$(dirname "$dir")" && echo $$ >"$lock"
   echo "+ fitdist train $config run.dir=$dir $*"
   "$VENV/bin/fitdist" train "$config" "run.dir=$dir" run.resume=auto "$@"
+  rm -f "$lock"
 }
 
 teacher() {
