@@ -16,11 +16,12 @@ SCRIPT = ROOT / "launch" / "fmnist_study.sh"
 BUDGET = 11_290_240  # MACs per image of the main study's student (fitdist/configs/fmnist-*.yaml)
 
 
-def depth_overrides(k: int) -> list[str]:
-    """The overrides the script gives the 3k-layer student (its `depth_student` function)."""
-    define = subprocess.run(["sed", "-n", "/^depth_student()/,/^}/p", str(SCRIPT)],
+def depth_overrides(k: int, function: str = "depth_student") -> list[str]:
+    """The overrides the script's `function` gives the student of argument `k` (depth_student: 3k
+    layers; regime_student: k layers)."""
+    define = subprocess.run(["sed", "-n", f"/^{function}()/,/^}}/p", str(SCRIPT)],
                             capture_output=True, text=True, check=True).stdout
-    out = subprocess.run(["bash", "-c", f"{define}\ndepth_student {k}"], capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", f"{define}\n{function} {k}"], capture_output=True, text=True, check=True)
     return out.stdout.split()
 
 
@@ -32,6 +33,19 @@ def test_depth_students_share_the_mac_budget(k, tmp_path):
     report = dry_run(cfg)
     assert len(cfg.student.kwargs["widths"]) == 3 * k
     assert abs(report["student"]["macs"] / BUDGET - 1) < 0.07  # 10.8-11.9 M
+    (hint,) = report["hints"]
+    assert hint["student_shape"][1:] == hint["teacher_shape"][1:] == [7, 7]
+
+
+@pytest.mark.parametrize("depth", [11, 15, 19, 23])
+def test_regime_students_share_the_mac_budget(depth, tmp_path):
+    """The no-BatchNorm regime's students: `depth` conv layers, 10.1-11.4 M MACs, a 7x7 guided layer."""
+    overrides = depth_overrides(depth, "regime_student")
+    cfg = load_config(ROOT / "fitdist" / "configs" / "fmnist-fitnets.yaml",
+                      [*overrides, "student.kwargs.batch_norm=false", f"run.dir={tmp_path}", "teacher.weights=none.pt"])
+    report = dry_run(cfg)
+    assert len(cfg.student.kwargs["widths"]) == depth
+    assert abs(report["student"]["macs"] / BUDGET - 1) < 0.11
     (hint,) = report["hints"]
     assert hint["student_shape"][1:] == hint["teacher_shape"][1:] == [7, 7]
 
