@@ -7,6 +7,7 @@ the ranks agreeing) and resumes it exactly; NVMe parameter offload is refused.""
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import STUDENT, TEACHER, write_config
 from test_step_syncs import STEPS, preemption_checks_only, quiet_config, quiet_steps, run
@@ -125,6 +126,7 @@ def test_under_deepspeed_zero2_the_ema_is_exported_and_zero3_nvme_offload_is_ref
                           "train.ema: not available under DeepSpeed ZeRO-3 with zero_optimization.offload_param.device nvme")
 
 
+@pytest.mark.slow  # minutes of 2-process DeepSpeed / compilation: `bash launch/test.sh -m slow`
 def test_under_deepspeed_zero3_the_ema_is_updated_per_partition_gathered_exported_and_resumed(tmp_path):
     """Two processes, ZeRO-3 with `stage3_param_persistence_threshold` 100 (the convolutions' weights
     partitioned), two stages (the student partitioned, made whole, partitioned again). The ranks end

@@ -13,6 +13,7 @@ from fitdist.models import build_model
 pytest.importorskip("deepspeed")
 
 
+@pytest.mark.slow  # minutes of 2-process DeepSpeed / compilation: `bash launch/test.sh -m slow`
 def test_two_teachers_under_deepspeed_zero2_keep_ranks_identical(tmp_path):
     # test_deepspeed's student has no BatchNorm: its ranks' buffers agree too
     path = write_config(
