@@ -9,8 +9,15 @@
 #   ensemble  three teachers (seeds 0, 1, 2), each and as an ensemble (`fitdist eval --teachers`),
 #          then the main study's student from scratch, with KD from the best single teacher, with
 #          KD from the ensemble and with FitNets (hints from one member, KD from the ensemble);
+#   collapse  the no-BatchNorm 15-layer FitNets collapse, one factor changed per run, diagnostics on
+#          (seed 0, 300 hint + 500 KD steps);
+#   regime thin students without BatchNorm, 11 to 23 conv layers at ~11M MACs, scratch / KD /
+#          FitNets (seed 0; REGIME_AIDS: key=value words added to every run, REGIME_DEPTHS);
+#   stored KD from stored soft labels (`fitdist label`, R = 10, k = 10) against online KD on the
+#          same Fashion-MNIST shards;
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
-#   bash launch/fmnist_study.sh [main|depth|nobn|ensemble|report|all]    (default: all)
+#   bash launch/fmnist_study.sh [main|depth|nobn|ensemble|collapse|regime|stored|report|all]
+#   (default: all = main, depth, nobn, ensemble, then report)
 # Environment: VENV (default .venv, created if missing), OUT (default runs/study), SEEDS (default
 # "0 1 2"), DEPTHS (default "3 6 9 12 15"). A finished run (summary.json present) is kept; an
 # interrupted one resumes; one that another live process of this script is training is skipped,
@@ -194,5 +201,6 @@ case "${1:-all}" in
   report) report ;;
   all) main_study; depth_study depth; depth_study nobn student.kwargs.batch_norm=false optim.lr=0.01; ensemble_study
     report ;;
-  *) echo "usage: bash launch/fmnist_study.sh [main|depth|nobn|ensemble|report|all]" >&2; exit 2 ;;
+  *) echo "usage: bash launch/fmnist_study.sh [main|depth|nobn|ensemble|collapse|regime|stored|report|all]" >&2
+    exit 2 ;;
 esac
