@@ -118,12 +118,20 @@ def test_a_crash_or_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path
     assert state["position"]["global_step"] == 2
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
-    path = write_config(tmp_path / "c.yaml", stages=[{"name": "a", "steps": 6}])
-    overrides = ["deterministic=true", "train.checkpoint_every=2", "run.keep_checkpoints=5"]
-    cfg = load_config(path, overrides)
+CHECKPOINT_EVERY_2 = ["deterministic=true", "train.checkpoint_every=2", "run.keep_checkpoints=5"]
+
+
+def finished_run(tmp_path, steps: int):
+    """A deterministic run of `steps` steps with a checkpoint every 2: (config path, config, student.pt bytes)."""
+    path = write_config(tmp_path / "c.yaml", stages=[{"name": "a", "steps": steps}])
+    cfg = load_config(path, CHECKPOINT_EVERY_2)
     train(cfg)
-    expected = (cfg.run_dir / "student.pt").read_bytes()
+    return path, cfg, (cfg.run_dir / "student.pt").read_bytes()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+    path, cfg, expected = finished_run(tmp_path, 6)
+    overrides = CHECKPOINT_EVERY_2
     latest = cfg.run_dir / "checkpoints" / "step-00000006" / "trainer.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match="step-00000006 does not load"):
@@ -145,11 +153,8 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
 
 def test_a_checkpoint_of_an_older_version_resumes(tmp_path):
     """A saved config without the keys added since (they take their defaults) is the same config."""
-    path = write_config(tmp_path / "c.yaml", stages=[{"name": "a", "steps": 4}])
-    overrides = ["deterministic=true", "train.checkpoint_every=2", "run.keep_checkpoints=5"]
-    cfg = load_config(path, overrides)
-    train(cfg)
-    expected = (cfg.run_dir / "student.pt").read_bytes()
+    path, cfg, expected = finished_run(tmp_path, 4)
+    overrides = CHECKPOINT_EVERY_2
     shutil.rmtree(cfg.run_dir / "checkpoints" / "step-00000004")
     (cfg.run_dir / "student.pt").unlink()
     trainer_pt = cfg.run_dir / "checkpoints" / "step-00000002" / "trainer.pt"
