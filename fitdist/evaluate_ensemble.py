@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fitdist import dist
 from fitdist.build import build_teachers
@@ -39,7 +38,7 @@ def count_hits(ensemble, batches, device: torch.device, to_device) -> torch.Tens
     for images, labels in batches:
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         logits = [t(images, need_logits=True)[0].float() for t in ensemble.teachers]
-        mean = sum(w * F.softmax(t, dim=-1) for w, t in zip(ensemble.weights, logits))
+        mean = ensemble.mean_probs(logits, 1.0)  # the weighted mean of probabilities, at T = 1
         for i, scores in enumerate([*logits, mean]):
             top = scores.topk(min(5, scores.shape[1]), dim=1).indices.eq(labels[:, None])
             totals[i] += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()]).to(torch.float64)
