@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(label(cfg, args.views, args.topk, args.batch_size, args.out, not args.no_progress)))
+    summary = label(cfg, args.views, args.topk, args.batch_size, args.out, not args.no_progress)
+    # one write of one line: under torchrun every rank prints its summary to the same stdout, and
+    # a single write() of under PIPE_BUF bytes is never interleaved with another process's
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps(summary) + "\n").encode())
     return 0
 
 
