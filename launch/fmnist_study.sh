@@ -12,7 +12,8 @@
 #   collapse  the no-BatchNorm 15-layer FitNets collapse, one factor changed per run, diagnostics on
 #          (seed 0, 300 hint + 500 KD steps);
 #   regime thin students without BatchNorm, 11 to 23 conv layers at ~11M MACs, scratch / KD /
-#          FitNets (seed 0; REGIME_AIDS: key=value words added to every run, REGIME_DEPTHS);
+#          FitNets (REGIME_AIDS: key=value words added to every run, e.g. the init and clipping;
+#          REGIME_DIR: its folder under OUT, default regime; REGIME_DEPTHS; REGIME_SEEDS, default 0);
 #   stored KD from stored soft labels (`fitdist label`, R = 10, k = 10) against online KD on the
 #          same Fashion-MNIST shards;
 #   report `fitdist report` over each part: plots and results.md (mean ± std over seeds).
@@ -153,17 +154,19 @@ regime_student() {  # regime_student D: D conv layers in thirds a, a, D - 2a (a 
   echo "student.kwargs.widths=[${widths#,}] student.kwargs.pool_after=[$a,$((2 * a))] hints.0.student=conv$((2 * a))"
 }
 
-regime_study() {  # thin students without BatchNorm, 11 to 23 conv layers, scratch / KD / FitNets (seed 0)
+regime_study() {  # thin students without BatchNorm, 11 to 23 conv layers, scratch / KD / FitNets
   teacher
-  local depth method overrides aids
+  local depth method overrides aids seed dir="$OUT/${REGIME_DIR:-regime}"
   read -r -a aids <<<"${REGIME_AIDS:-}"
-  for depth in ${REGIME_DEPTHS:-11 15 19 23}; do
-    read -r -a overrides <<<"$(regime_student "$depth")"
-    for method in scratch kd fitnets; do
-      local extra=("${overrides[@]}")
-      [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")
-      run "$OUT/regime/d$depth-$method" "$CONFIGS/fmnist-$method.yaml" "name=regime$depth-$method" "${extra[@]}" \
-        student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true "${aids[@]}"
+  for seed in ${REGIME_SEEDS:-0}; do
+    for depth in ${REGIME_DEPTHS:-11 15 19 23}; do
+      read -r -a overrides <<<"$(regime_student "$depth")"
+      for method in scratch kd fitnets; do
+        local extra=("${overrides[@]}")
+        [ "$method" = fitnets ] || extra=("${overrides[@]:0:2}")
+        run "$dir/d$depth-$method-s$seed" "$CONFIGS/fmnist-$method.yaml" "name=regime$depth-$method" "seed=$seed" \
+          "${extra[@]}" student.kwargs.batch_norm=false optim.lr=0.01 train.diagnostics=true "${aids[@]}"
+      done
     done
   done
 }
@@ -185,7 +188,8 @@ stored_study() {  # KD from stored soft labels (fitdist label) against online KD
 report() {
   "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
   local part
-  for part in depth nobn ensemble collapse regime stored; do
+  for part in depth nobn ensemble collapse stored "$OUT"/regime*; do
+    part=${part#"$OUT/"}
     if [ -d "$OUT/$part" ]; then "$VENV/bin/fitdist" report "$OUT/$part"/* --out "$OUT/report-$part"; fi
   done
 }
