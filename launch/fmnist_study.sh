@@ -187,10 +187,9 @@ stored_study() {  # KD from stored soft labels (fitdist label) against online KD
 
 report() {
   "$VENV/bin/fitdist" report "$OUT/teacher" "$OUT"/main/* --out "$OUT/report-main"
-  local part
-  for part in depth nobn ensemble collapse stored "$OUT"/regime*; do
-    part=${part#"$OUT/"}
-    if [ -d "$OUT/$part" ]; then "$VENV/bin/fitdist" report "$OUT/$part"/* --out "$OUT/report-$part"; fi
+  local dir
+  for dir in "$OUT"/{depth,nobn,ensemble,collapse,stored} "$OUT"/regime*; do
+    if [ -d "$dir" ]; then "$VENV/bin/fitdist" report "$dir"/* --out "$OUT/report-${dir##*/}"; fi
   done
 }
 
